@@ -1,0 +1,52 @@
+"""Defaults shared by every data set's config; each config file overrides what differs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"
+    config.data.image_size = 8
+    config.data.channels = 1
+    config.data.eval_fraction = 0.1
+    config.data.split_seed = 0
+    config.data.random_flip = False
+
+    config.model = ml_collections.ConfigDict()
+    config.model.ch = 128
+    config.model.ch_mult = (1, 2, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16,)
+    config.model.dropout = 0.1
+    config.model.num_groups = 32
+    config.model.widths = (1.0, 0.75, 0.5, 0.25)
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.beta_schedule = "linear"
+    config.diffusion.beta_start = 1e-4
+    config.diffusion.beta_end = 0.02
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 128
+    config.training.num_steps = 450_000
+    config.training.learning_rate = 2e-4
+    config.training.warmup_steps = 5000
+    config.training.grad_clip = 1.0
+    config.training.ema_decay = 0.9999
+    config.training.log_every = 50
+    config.training.checkpoint_every = 5000
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.method = "ddpm"  # 'ddpm' | 'ddim'
+    config.sampling.num_steps = 1000  # DDIM steps; DDPM always runs all T steps
+    config.sampling.spacing = "uniform"  # DDIM timestep spacing: 'uniform' | 'quadratic'
+    config.sampling.eta = 0.0
+    config.sampling.variance = "fixedlarge"  # DDPM: 'fixedlarge' (the release) | 'fixedsmall'
+    config.sampling.clip_denoised = False
+    config.sampling.num_samples = 64
+    config.sampling.batch_size = 64
+    return config

@@ -1,0 +1,26 @@
+"""The simplified DDPM training objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from ddsm_jax.diffusion.schedules import Diffusion, q_sample
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def epsilon_loss(eps_fn: EpsFn, diffusion: Diffusion, x0: jax.Array, key: jax.Array) -> jax.Array:
+    """Unweighted noise-prediction MSE ("L_simple"), with t and noise drawn from `key`."""
+    chex.assert_rank(x0, 4)
+    t_key, noise_key = jax.random.split(key)
+    batch = x0.shape[0]
+    t = jax.random.randint(t_key, (batch,), 0, diffusion.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
+    x_t = q_sample(diffusion, x0.astype(jnp.float32), t, noise)
+    eps = eps_fn(x_t, t)
+    chex.assert_shape(eps, x0.shape)
+    return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))

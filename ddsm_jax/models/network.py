@@ -1,0 +1,59 @@
+"""Pure-function view of the slimmable U-Net: parameters are a plain nested dict of arrays.
+
+Training, EMA, checkpoints and export all handle that dict; `apply` rebuilds the NNX module
+inside the traced function, so the module objects never cross a jit boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from ddsm_jax.models.unet import build_unet
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The static part of the model: its graph, image shape and the widths it was trained for."""
+
+    graphdef: Any
+    widths: tuple[float, ...]
+    image_shape: tuple[int, int, int]
+
+    def apply(self, params: Params, x: jax.Array, t: jax.Array, *, width: float,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+        return nnx.merge(self.graphdef, params)(x, t, width=width, dropout_rng=dropout_rng)
+
+
+def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
+
+
+def init_network(config: ml_collections.ConfigDict, key: jax.Array) -> tuple[Network, Params]:
+    """Initialises the supernet's parameters under jit (much faster than eager NNX init)."""
+    abstract = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+
+    @jax.jit
+    def init(key: jax.Array) -> Params:
+        return nnx.to_pure_dict(nnx.state(build_unet(config, nnx.Rngs(params=key)), nnx.Param))
+
+    return _network(config, graphdef), init(key)
+
+
+def abstract_network(config: ml_collections.ConfigDict) -> tuple[Network, Params]:
+    """Shapes only: for parameter counts, cost models and ahead-of-time compilation."""
+    abstract = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return _network(config, graphdef), nnx.to_pure_dict(state)
+
+
+def param_count(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

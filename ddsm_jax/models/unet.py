@@ -1,0 +1,195 @@
+"""The slimmable DDPM U-Net of DDSM: one set of weights, any width in (0, 1] at call time.
+
+`width` is a static Python float: each width is its own traced (and compiled) program.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ddsm_jax.models import macs
+from ddsm_jax.models.slimmable import SlimConv, SlimGroupNorm, SlimLinear, silu, slim_channels
+
+Array = jax.Array
+
+CONV_DIVISOR = 8
+TIME_DIVISOR = 16
+QKV_DIVISOR = 1
+
+
+def timestep_embedding(t: Array, dim: int) -> Array:
+    """Sinusoidal embedding with interleaved sin/cos pairs, the layout of the DDPM port."""
+    if dim % 2:
+        raise ValueError(f"model.ch must be even for the sinusoidal embedding, got {dim}")
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(t.shape[0], dim)
+
+
+def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class AttnBlock(nnx.Module):
+    """Self-attention over pixels; q/k/v slim to round(C*w), scaled by 1/sqrt of that width."""
+
+    def __init__(self, channels: int, num_groups: int, *, rngs: nnx.Rngs):
+        self.norm = SlimGroupNorm(channels, num_groups)
+        self.q = SlimConv(channels, channels, 1, divisor=QKV_DIVISOR, rngs=rngs)
+        self.k = SlimConv(channels, channels, 1, divisor=QKV_DIVISOR, rngs=rngs)
+        self.v = SlimConv(channels, channels, 1, divisor=QKV_DIVISOR, rngs=rngs)
+        self.proj = SlimConv(channels, channels, 1, divisor=CONV_DIVISOR, init_scale=1e-5, rngs=rngs)
+
+    def __call__(self, x: Array, width: float) -> Array:
+        batch, height, width_px, _ = x.shape
+        h = self.norm(x)
+        q, k, v = self.q(h, width), self.k(h, width), self.v(h, width)
+        c_qkv = q.shape[-1]
+        pixels = height * width_px
+        q, k, v = (a.reshape(batch, pixels, c_qkv) for a in (q, k, v))
+        logits = jnp.einsum("bic,bjc->bij", q, k) * (c_qkv**-0.5)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bij,bjc->bic", weights, v).reshape(batch, height, width_px, c_qkv)
+        macs.record("attention", 2 * batch * pixels * pixels * c_qkv)
+        macs.record_elementwise("elementwise", logits.size, 6)  # scale, max, subtract, exp, sum, divide
+        out = self.proj(out, width)
+        if out.shape != x.shape:
+            raise ValueError(f"attention output {out.shape} does not match its input {x.shape}")
+        return x + out
+
+
+class ResBlock(nnx.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, dropout: float,
+                 attention: bool, num_groups: int, rngs: nnx.Rngs):
+        self.norm1 = SlimGroupNorm(in_channels, num_groups)
+        self.conv1 = SlimConv(in_channels, out_channels, 3, rngs=rngs)
+        self.temb_proj = SlimLinear(temb_channels, out_channels, divisor=CONV_DIVISOR, rngs=rngs)
+        self.norm2 = SlimGroupNorm(out_channels, num_groups)
+        self.conv2 = SlimConv(out_channels, out_channels, 3, init_scale=1e-5, rngs=rngs)
+        self.shortcut = (SlimConv(in_channels, out_channels, 1, rngs=rngs)
+                         if in_channels != out_channels else None)
+        self.attn = AttnBlock(out_channels, num_groups, rngs=rngs) if attention else None
+        self.dropout = dropout
+
+    def __call__(self, x: Array, temb: Array, width: float, rng: Array | None) -> Array:
+        h = self.conv1(silu(self.norm1(x)), width)
+        h = h + self.temb_proj(silu(temb), width)[:, None, None, :]
+        h = _dropout(silu(self.norm2(h)), self.dropout, rng)
+        h = self.conv2(h, width)
+        skip = self.shortcut(x, width) if self.shortcut is not None else x
+        macs.record_elementwise("elementwise", h.size, 2)  # temb add, residual add
+        h = h + skip
+        return self.attn(h, width) if self.attn is not None else h
+
+
+class Downsample(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = SlimConv(channels, channels, 3, stride=2, rngs=rngs)
+
+    def __call__(self, x: Array, width: float) -> Array:
+        return self.conv(x, width)
+
+
+class Upsample(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = SlimConv(channels, channels, 3, rngs=rngs)
+
+    def __call__(self, x: Array, width: float) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x, width)
+
+
+class SlimmableUNet(nnx.Module):
+    """The DDPM U-Net (Ho et al.) with every layer slimmable, as DDSM's supernet."""
+
+    def __init__(self, *, image_size: int, image_channels: int, ch: int, ch_mult: tuple[int, ...],
+                 num_res_blocks: int, attn_resolutions: tuple[int, ...], dropout: float,
+                 num_groups: int = 32, rngs: nnx.Rngs):
+        self.image_size = image_size
+        self.image_channels = image_channels
+        self.ch = ch
+        temb_channels = 4 * ch
+        self.temb_dense0 = SlimLinear(ch, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
+        self.temb_dense1 = SlimLinear(temb_channels, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
+        self.head = SlimConv(image_channels, ch, 3, rngs=rngs)
+
+        def res_block(c_in: int, c_out: int, resolution: int) -> ResBlock:
+            return ResBlock(c_in, c_out, temb_channels, dropout=dropout,
+                            attention=resolution in attn_resolutions, num_groups=num_groups,
+                            rngs=rngs)
+
+        down, skip_channels, now, resolution = [], [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                down.append(res_block(now, ch * mult, resolution))
+                now = ch * mult
+                skip_channels.append(now)
+            if level != len(ch_mult) - 1:
+                down.append(Downsample(now, rngs=rngs))
+                skip_channels.append(now)
+                resolution //= 2
+        self.down = nnx.List(down)
+        self.mid = nnx.List([
+            ResBlock(now, now, temb_channels, dropout=dropout, attention=True,
+                     num_groups=num_groups, rngs=rngs),
+            ResBlock(now, now, temb_channels, dropout=dropout, attention=False,
+                     num_groups=num_groups, rngs=rngs),
+        ])
+        up = []
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                up.append(res_block(skip_channels.pop() + now, ch * mult, resolution))
+                now = ch * mult
+            if level != 0:
+                up.append(Upsample(now, rngs=rngs))
+                resolution *= 2
+        self.up = nnx.List(up)
+        self.tail_norm = SlimGroupNorm(now, num_groups)
+        self.tail_conv = SlimConv(now, image_channels, 3, fixed_out=True, init_scale=1e-5, rngs=rngs)
+
+    def __call__(self, x: Array, t: Array, *, width: float = 1.0,
+                 dropout_rng: Array | None = None) -> Array:
+        """Predicts epsilon; `dropout_rng=None` is the deterministic (evaluation) network."""
+        chex.assert_shape(x, (None, self.image_size, self.image_size, self.image_channels))
+        chex.assert_shape(t, (x.shape[0],))
+        rngs = iter(jax.random.split(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
+                    if dropout_rng is not None else [])
+
+        temb = self.temb_dense0(timestep_embedding(t, self.ch), width)
+        temb = self.temb_dense1(silu(temb), width)
+        h = self.head(x, width)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, temb, width, next(rngs, None)) if isinstance(layer, ResBlock) else layer(h, width)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, temb, width, next(rngs, None))
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(jnp.concatenate([h, skips.pop()], axis=-1), temb, width, next(rngs, None))
+            else:
+                h = layer(h, width)
+        out = self.tail_conv(silu(self.tail_norm(h)), width)
+        chex.assert_equal_shape([out, x])
+        return out
+
+
+def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlimmableUNet:
+    """The network of a full config (model + data sections)."""
+    model = config.model
+    for width in model.widths:
+        slim_channels(model.ch, width, CONV_DIVISOR)  # validates the width
+    return SlimmableUNet(
+        image_size=config.data.image_size, image_channels=config.data.channels, ch=model.ch,
+        ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
+        attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
+        num_groups=model.num_groups, rngs=rngs)

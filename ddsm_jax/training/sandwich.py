@@ -1,0 +1,22 @@
+"""The sandwich rule: which widths a supernet training step trains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def sandwich_widths(widths: Sequence[float], seed: int, step: int) -> tuple[float, ...]:
+    """(largest, smallest, one random middle width) for this step.
+
+    Drawn on the host from an RNG keyed by (seed, step): every host and every resumed run agrees
+    without communication, and the result is a static argument, so there is one compiled train
+    step per middle width.
+    """
+    ordered = sorted({float(w) for w in widths}, reverse=True)
+    if len(ordered) <= 2:
+        return tuple(ordered)
+    middle = ordered[1:-1]
+    rng = np.random.default_rng([seed, step])
+    return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])

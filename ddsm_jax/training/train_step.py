@@ -1,0 +1,86 @@
+"""One fused supernet update: the sandwich widths' losses summed, Adam, EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddsm_jax.diffusion.losses import epsilon_loss
+from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.models.network import Network, Params
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params
+    ema_params: Params
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                   opt_state=optimizer.init(params))
+
+
+def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from zero, then constant (the DDPM recipe)."""
+    return optax.linear_schedule(0.0, training.learning_rate, max(1, training.warmup_steps))
+
+
+def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(training.grad_clip),
+                       optax.adam(learning_rate_schedule(training)))
+
+
+def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: jax.Array,
+                  key: jax.Array, widths: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
+    """Sum of the epsilon losses of `widths` on one batch, each with its own t, noise, dropout."""
+    losses = []
+    for index, width in enumerate(widths):
+        loss_key, dropout_key = jax.random.split(jax.random.fold_in(key, index))
+
+        def eps_fn(x_t: jax.Array, t: jax.Array, width: float = width,
+                   dropout_key: jax.Array = dropout_key) -> jax.Array:
+            return network.apply(params, x_t, t, width=width, dropout_rng=dropout_key)
+
+        losses.append(epsilon_loss(eps_fn, diffusion, x0, loss_key))
+    per_width = jnp.stack(losses)
+    return per_width.sum(), per_width
+
+
+def make_train_step(network: Network, diffusion: Diffusion,
+                    training: ml_collections.ConfigDict) -> Callable:
+    """Returns `step(state, batch, rng, widths) -> (state, metrics)`, jitted, state donated.
+
+    `widths` is static; the key of a step is `fold_in(rng, state.step)`, so a resumed run draws
+    exactly the randomness an uninterrupted one would.
+    """
+    optimizer = make_optimizer(training)
+    lr_schedule = learning_rate_schedule(training)
+    decay = training.ema_decay
+
+    def step(state: TrainState, batch: jax.Array, rng: jax.Array,
+             widths: tuple[float, ...]) -> tuple[TrainState, dict[str, jax.Array]]:
+        chex.assert_rank(batch, 4)
+        key = jax.random.fold_in(rng, state.step)
+        (loss, per_width), grads = jax.value_and_grad(
+            lambda p: sandwich_loss(network, diffusion, p, batch, key, widths), has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                            state.ema_params, params)
+        metrics = {"loss": loss, "loss_per_width": per_width, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": lr_schedule(state.step)}
+        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                               opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, static_argnames="widths", donate_argnums=0)
