@@ -1,6 +1,7 @@
 """Defaults shared by every data set's config; each config file overrides what differs."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -14,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.eval_fraction = 0.1
     config.data.split_seed = 0
     config.data.random_flip = False
+    # Root of prepared data sets (tfds ArrayRecord builds, image folders such as afhq/); local or
+    # gs://. Unset: tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets). Embedded sets ignore it.
+    config.data.data_dir = config_dict.placeholder(str)
 
     config.model = ml_collections.ConfigDict()
     config.model.ch = 128
@@ -30,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.diffusion.beta_start = 1e-4
     config.diffusion.beta_end = 0.02
 
+    # Device mesh: `data` replicates parameters, `fsdp` shards them; the batch is split over both.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # every device that fsdp leaves
+    config.mesh.fsdp = 1
+
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128
     config.training.num_steps = 450_000
@@ -39,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.ema_decay = 0.9999
     config.training.log_every = 50
     config.training.checkpoint_every = 5000
+    config.training.keep_checkpoints = 3
+    config.training.sample_every = 0  # sample grids per width every K steps (0: only at the end)
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.method = "ddpm"  # 'ddpm' | 'ddim'

@@ -3,7 +3,12 @@
 ch=128, ch_mult=(1,2,2,2), two res blocks per level, attention at 16x16 and in the middle,
 dropout 0.1, T=1000 linear betas; batch 256, Adam 4e-4 with 5k warm-up, EMA 0.9999, 450k steps.
 
-    python -m ddsm_jax.main --config=configs/cifar10.py --workdir=/tmp/ddsm_cifar10
+    tfds build cifar10 --data_dir=gs://BUCKET/tfds --file_format=array_record
+    launch/tpu_pod.sh --name=ddsm-cifar10 --zone=us-west4-a --type=v5litepod-16 \
+        --config=configs/cifar10.py --workdir=gs://BUCKET/ddsm/cifar10 \
+        -- --config.data.data_dir=gs://BUCKET/tfds
+
+On one machine: python -m ddsm_jax.main --config=configs/cifar10.py --workdir=DIR
 """
 
 from configs.base import base_config

@@ -20,7 +20,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 3):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                enable_async_checkpointing=True),
             item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -45,6 +46,10 @@ class Checkpointer:
                 f"corrupt or was written by a different config; delete it or use another --workdir"
             ) from error
         return restored.state, restored.data
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        return self._manager
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

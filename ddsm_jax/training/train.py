@@ -1,23 +1,31 @@
-"""The supernet training loop: data -> sandwich steps -> EMA -> checkpoints, resumable."""
+"""The supernet training loop: data -> sharded sandwich steps -> EMA -> checkpoints, resumable.
+
+Runs unchanged on one CPU, on 8 simulated devices, and on every host of a pod: each process
+feeds its own rows of the global batch, and only process 0 writes metrics and pictures.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
 from ddsm_jax.data.pipeline import load_dataset, train_batches
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
+from ddsm_jax.grids import WidthGrids
 from ddsm_jax.models.network import Network, init_network
 from ddsm_jax.training.checkpoint import Checkpointer
-from ddsm_jax.training.metrics import JsonlWriter
+from ddsm_jax.training.metrics import MetricWriter
+from ddsm_jax.training.preemption import PreemptionWatch
 from ddsm_jax.training.sandwich import sandwich_widths
+from ddsm_jax.training.sharding import (batch_sharding, global_batch, make_mesh,
+                                        state_shardings)
 from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
 
 
@@ -30,6 +38,7 @@ class TrainResult:
     network: Network
     diffusion: Diffusion
     state: TrainState
+    preempted: bool = False
 
 
 def _check_finite(step: int, loss: float, config: ml_collections.ConfigDict) -> None:
@@ -40,35 +49,53 @@ def _check_finite(step: int, loss: float, config: ml_collections.ConfigDict) -> 
             f"checkpoint")
 
 
+def _initial_state(config: ml_collections.ConfigDict) -> tuple[Network, TrainState, object]:
+    """Fresh parameters placed straight into their shardings, and those shardings."""
+    network, params = init_network(config, jax.random.key(config.seed))
+    optimizer = make_optimizer(config.training)
+    create = lambda p: TrainState.create(p, optimizer)  # noqa: E731
+    mesh = make_mesh(config.mesh)
+    sharding = state_shardings(mesh, jax.eval_shape(create, params))
+    return network, jax.jit(create, out_shardings=sharding)(params), sharding
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
     """Trains (or resumes training of) the supernet in `workdir` up to training.num_steps."""
     workdir = Path(workdir)
     training = config.training
     dataset = load_dataset(config.data)  # first: a missing data set should fail before compiling
-    network, params = init_network(config, jax.random.key(config.seed))
+    process_count, is_main = jax.process_count(), jax.process_index() == 0
+    mesh = make_mesh(config.mesh)
+    if training.batch_size % mesh.size:
+        raise ValueError(f"training.batch_size={training.batch_size} must be a multiple of the "
+                         f"{mesh.size} devices it is split over")
+    network, state, state_sharding = _initial_state(config)
     diffusion = diffusion_from_config(config.diffusion)
-    state = TrainState.create(params, make_optimizer(training))
-    batches = train_batches(dataset, training.batch_size, seed=config.seed,
-                            random_flip=config.data.random_flip)
+    data_sharding = batch_sharding(mesh)
+    batches = train_batches(dataset, training.batch_size // process_count, seed=config.seed,
+                            random_flip=config.data.random_flip,
+                            process_index=jax.process_index(), process_count=process_count)
 
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, data_state = restored
         batches.set_state(data_state)
 
-    train_step = make_train_step(network, diffusion, training)
+    train_step = make_train_step(network, diffusion, training, state_sharding=state_sharding,
+                                 batch_sharding=data_sharding)
+    grids = WidthGrids(config, network, diffusion) if training.sample_every and is_main else None
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # apart from the init key
     start = int(state.step)
-    writer = JsonlWriter(workdir / "metrics.jsonl")
+    writer = MetricWriter(workdir, enabled=is_main)
+    preemption = PreemptionWatch()
     progress = tqdm(range(start, training.num_steps), initial=start, total=training.num_steps,
-                    desc="train", unit="step", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
+                    desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
+    window_start, window_steps, preempted = time.perf_counter(), 0, False
     try:
         for step in progress:
             widths = sandwich_widths(network.widths, config.seed, step)
-            batch = jnp.asarray(next(batches))
-            state, metrics = train_step(state, batch, rng, widths)
+            state, metrics = train_step(state, global_batch(next(batches), data_sharding), rng, widths)
             window_steps += 1
             done = step + 1
             if done % training.log_every == 0 or done == training.num_steps:
@@ -77,24 +104,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
                 images_per_sec = window_steps * training.batch_size / elapsed
                 _check_finite(done, float(metrics["loss"]), config)
                 per_width = {f"loss_w{w}": l for w, l in zip(widths, metrics.pop("loss_per_width"))}
-                writer.write(done, {**metrics, **per_width, "images_per_sec": images_per_sec,
-                                    "step_time": elapsed / window_steps})
+                writer.write_scalars(done, {**metrics, **per_width, "images_per_sec": images_per_sec,
+                                            "step_time": elapsed / window_steps})
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if done % training.checkpoint_every == 0 or done == training.num_steps:
+            if grids is not None and done % training.sample_every == 0:
+                _, grid = grids.draw(state.ema_params, workdir / "samples" / f"step_{done}")
+                writer.write_image(done, "samples_per_width", grid)
+            preempted = preemption.should_stop(checkpointer.manager, done)
+            if done % training.checkpoint_every == 0 or done == training.num_steps or preempted:
                 checkpointer.save(done, state, batches.get_state())
+            if preempted:
+                progress.write(f"stopping after step {done} on request; checkpoint saved, rerun the "
+                               f"same command to resume", file=sys.stderr)
+                break
     finally:
         progress.close()
+        preemption.close()
         writer.close()
         checkpointer.wait()
         checkpointer.close()
-    return TrainResult(network, diffusion, state)
+    return TrainResult(network, diffusion, state, preempted)
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
     """The latest checkpoint of `workdir`; a clear error when there is none."""
-    network, params = init_network(config, jax.random.key(config.seed))
-    state = TrainState.create(params, make_optimizer(config.training))
+    network, state, _ = _initial_state(config)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     restored = checkpointer.restore_latest(state)
     checkpointer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import chex
 import flax.struct
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ddsm_jax.diffusion.losses import epsilon_loss
 from ddsm_jax.diffusion.schedules import Diffusion
@@ -56,12 +58,14 @@ def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: ja
     return per_width.sum(), per_width
 
 
-def make_train_step(network: Network, diffusion: Diffusion,
-                    training: ml_collections.ConfigDict) -> Callable:
+def make_train_step(network: Network, diffusion: Diffusion, training: ml_collections.ConfigDict,
+                    *, state_sharding: Any = None, batch_sharding: NamedSharding | None = None
+                    ) -> Callable:
     """Returns `step(state, batch, rng, widths) -> (state, metrics)`, jitted, state donated.
 
     `widths` is static; the key of a step is `fold_in(rng, state.step)`, so a resumed run draws
-    exactly the randomness an uninterrupted one would.
+    exactly the randomness an uninterrupted one would. With shardings, the step is one SPMD
+    program over their mesh: the batch split across devices, the state as `state_sharding` says.
     """
     optimizer = make_optimizer(training)
     lr_schedule = learning_rate_schedule(training)
@@ -83,4 +87,9 @@ def make_train_step(network: Network, diffusion: Diffusion,
                                opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, static_argnames="widths", donate_argnums=0)
+    if batch_sharding is None:
+        return jax.jit(step, static_argnames="widths", donate_argnums=0)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(step, static_argnames="widths", donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated))

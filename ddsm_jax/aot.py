@@ -1,0 +1,233 @@
+"""Ahead-of-time compilation for a TPU slice, on this CPU: does a config fit before we pay for a pod?
+
+    python -m ddsm_jax.aot --config=configs/celeba.py --topology=v5e:4x4 [--batch_size=128]
+        [--sample_batch_size=64] [--json_out=aot.jsonl] [--config.mesh.fsdp=4 ...]
+
+Compiles, for the slice's TPU compiler but without any TPU, the exact sharded programs a pod run
+executes: the sandwich train step once per middle width (each is its own compiled program, as in
+training) and the step-aware sampler of `config.sampling` with every width as a `lax.switch`
+branch. Prints one JSON object per program with its per-chip memory (arguments, outputs, XLA
+temporaries, generated code; GiB) and compile seconds, so a batch size or mesh that runs out of
+HBM fails here in minutes rather than on the pod after the queue, the VM and the data load.
+
+Needs libtpu (the TPU compiler): `pip install "libtpu==0.0.42.*"`, the version `jax[tpu]==0.10.2`
+pins. libtpu warns that TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES are unset; that is expected
+off a TPU VM and harmless here.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX is imported: run every host-side computation on the CPU and never claim a local TPU
+# (so this also works next to a running job), and do not contend for libtpu's single-process lock
+# with other JAX processes that loaded it: this process only compiles.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import functools  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as <generation>:<chip grid>, e.g. "
+                                "v5e:4x4 (v5litepod-16), v5e:2x4, v4:2x2x2, v5p:2x2x4.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global training batch "
+                                   "(default: config.training.batch_size).")
+_SAMPLE_BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", None, "Global sampling batch "
+                                          "(default: config.sampling.batch_size).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON lines to this file.")
+
+GIB = 2**30
+# HBM per JAX device (a chip, or a core where a chip shows two devices), by `device_kind`.
+HBM_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
+           "TPU v6 lite": 32}
+
+
+class AotError(RuntimeError):
+    """A problem the user can fix (missing libtpu, bad topology, batch not divisible)."""
+
+
+def libtpu_requirement() -> str:
+    """The libtpu pin of the installed jax's `tpu` extra, so the advice matches this jax."""
+    for requirement in importlib.metadata.requires("jax") or []:
+        if requirement.startswith("libtpu") and 'extra == "tpu"' in requirement:
+            return requirement.split(";")[0].replace(" ", "")
+    return f"jax[tpu]=={importlib.metadata.version('jax')}"
+
+
+def require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+        raise AotError(f"ahead-of-time compilation for TPU needs the TPU compiler: "
+                       f"pip install \"{libtpu_requirement()}\"")
+
+
+def tpu_devices(topology: str) -> list[Any]:
+    """The devices of a TPU slice described by name (no TPU needed, only libtpu)."""
+    from jax.experimental import topologies
+
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+){1,2}", topology):
+        raise AotError(f"--topology={topology!r} is not <generation>:<chip grid>, e.g. v5e:4x4")
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as error:  # libtpu reports unknown names with assorted internal errors
+        raise AotError(f"libtpu cannot describe topology {topology!r}: "
+                       f"{str(error).splitlines()[0]}") from error
+
+
+def sandwich_width_sets(widths: Sequence[float]) -> list[tuple[float, ...]]:
+    """Every width tuple the sandwich rule can pass to the train step: one per middle width.
+
+    Same order as `training.sandwich.sandwich_widths` (largest, smallest, middle), because the
+    tuple is the step's static argument and so names its compiled program.
+    """
+    ordered = sorted({float(w) for w in widths}, reverse=True)
+    if len(ordered) <= 2:
+        return [tuple(ordered)]
+    return [(ordered[0], ordered[-1], middle) for middle in ordered[1:-1]]
+
+
+def check_divisible(what: str, batch: int, num_chips: int, flag: str) -> None:
+    if batch % num_chips:
+        raise AotError(f"{what} batch {batch} is not divisible over the {num_chips} chips of the "
+                       f"slice; pass {flag}=<multiple of {num_chips}>")
+
+
+def memory_report(compiled: Any) -> dict[str, float]:
+    """Per-chip bytes of one SPMD program (XLA reports one partition's module), in GiB.
+
+    `total` is what must fit in HBM at the peak: arguments + outputs - donated buffers that the
+    outputs reuse + temporaries + the program itself.
+    """
+    stats = compiled.memory_analysis()
+    sizes = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+             "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes,
+             "generated_code": stats.generated_code_size_in_bytes}
+    sizes["total"] = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+                      + sizes["generated_code"])
+    return {name: round(value / GIB, 4) for name, value in sizes.items()}
+
+
+def _compile(lowerable: Any, *args: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    compiled = lowerable.lower(*args).compile()
+    return compiled, round(time.perf_counter() - start, 2)
+
+
+def compile_programs(config: Any, topology: str) -> list[dict[str, Any]]:
+    """Compiles the train steps and the sampler for `topology`; one report dict per program."""
+    import jax
+    import jax.numpy as jnp
+
+    from ddsm_jax.diffusion import samplers
+    from ddsm_jax.diffusion.schedules import diffusion_from_config
+    from ddsm_jax.models.network import abstract_network, param_count
+    from ddsm_jax.training.sharding import (batch_sharding, make_mesh, replicated,
+                                            state_shardings)
+    from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+
+    require_libtpu()
+    devices = tpu_devices(topology)
+    num_chips = len(devices)
+    train_batch, sample_batch = config.training.batch_size, config.sampling.batch_size
+    check_divisible("the training", train_batch, num_chips, "--batch_size")
+    check_divisible("the sampling", sample_batch, num_chips, "--sample_batch_size")
+    try:
+        mesh = make_mesh(config.mesh, devices=devices)
+    except ValueError as error:
+        raise AotError(str(error)) from error
+
+    network, abstract_params = abstract_network(config)
+    diffusion = diffusion_from_config(config.diffusion)
+    optimizer = make_optimizer(config.training)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), abstract_params)
+    state_sharding = state_shardings(mesh, abstract_state)
+    data_sharding, rep = batch_sharding(mesh), replicated(mesh)
+
+    def placed(tree: Any, sharding: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    images = lambda batch: jax.ShapeDtypeStruct(  # noqa: E731
+        (batch, *network.image_shape), jnp.float32, sharding=data_sharding)
+    common = {"config": config.data.name, "topology": topology,
+              "device_kind": devices[0].device_kind, "num_chips": num_chips,
+              "mesh": dict(mesh.shape), "params": param_count(abstract_params),
+              "hbm_gib_per_chip": HBM_GIB.get(devices[0].device_kind)}
+
+    def report(program: str, compiled: Any, seconds: float, **fields: Any) -> dict[str, Any]:
+        memory = memory_report(compiled)
+        hbm = common["hbm_gib_per_chip"]
+        return {"program": program, **common, **fields, "memory_gib_per_chip": memory,
+                "fits": None if hbm is None else memory["total"] <= hbm,
+                "compile_seconds": seconds}
+
+    reports = []
+    train_step = make_train_step(network, diffusion, config.training, state_sharding=state_sharding,
+                                 batch_sharding=data_sharding)
+    state_in = placed(abstract_state, state_sharding)
+    for widths in sandwich_width_sets(network.widths):
+        compiled, seconds = _compile(train_step, state_in, images(train_batch), key, widths)
+        reports.append(report("train_step", compiled, seconds, widths=list(widths),
+                              global_batch=train_batch, per_chip_batch=train_batch // num_chips))
+
+    sampling = config.sampling
+    timesteps = samplers.sampling_timesteps(sampling.method, diffusion.num_timesteps,
+                                            sampling.num_steps, sampling.spacing)
+
+    def sample(params: Any, schedule: jax.Array, x_T: jax.Array, key: jax.Array) -> jax.Array:
+        # What `sampling.ScheduleSampler` compiles for a schedule that uses every width.
+        eps_fns = [functools.partial(lambda x, t, w: network.apply(params, x, t, width=w), w=w)
+                   for w in network.widths]
+        return samplers.sample(eps_fns, diffusion, schedule, x_T, key, method=sampling.method,
+                               timesteps=timesteps, eta=sampling.eta, variance=sampling.variance,
+                               clip_denoised=sampling.clip_denoised)
+
+    schedule = jax.ShapeDtypeStruct((len(timesteps),), jnp.int32, sharding=rep)
+    compiled, seconds = _compile(jax.jit(sample, out_shardings=data_sharding),
+                                 placed(abstract_state.ema_params, state_sharding.ema_params),
+                                 schedule, images(sample_batch), key)
+    reports.append(report("sampler", compiled, seconds, method=sampling.method,
+                          num_steps=len(timesteps), branches=list(network.widths),
+                          global_batch=sample_batch, per_chip_batch=sample_batch // num_chips))
+    return reports
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    with config.unlocked():
+        if _BATCH_SIZE.value is not None:
+            config.training.batch_size = _BATCH_SIZE.value
+        if _SAMPLE_BATCH_SIZE.value is not None:
+            config.sampling.batch_size = _SAMPLE_BATCH_SIZE.value
+    try:
+        reports = compile_programs(config, _TOPOLOGY.value)
+    except AotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    lines = [json.dumps(r) for r in reports]
+    print("\n".join(lines), flush=True)
+    if _JSON_OUT.value:
+        path = Path(_JSON_OUT.value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

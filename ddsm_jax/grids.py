@@ -1,0 +1,50 @@
+"""Sample grids per width from one set of weights, all from the same noise, so they compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.models.cost import macs_table
+from ddsm_jax.models.network import Network, Params
+from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.utils.images import make_grid, save_grid
+from ddsm_jax.utils.plots import save_side_by_side
+
+
+class WidthGrids:
+    """Draws `width_<w>.png` per width and `widths.png` (side by side, with each width's MACs).
+
+    The sampler and the noise are made once, so drawing again during training recompiles nothing.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, network: Network, diffusion: Diffusion):
+        self.network = network
+        self.batch_size = config.sampling.batch_size
+        self.sampler = ScheduleSampler(network, diffusion, config.sampling)
+        key = jax.random.fold_in(jax.random.key(config.seed), 2)
+        self.noise = initial_noise(jax.random.fold_in(key, 0), config.sampling.num_samples,
+                                   network.image_shape)
+        self.key = jax.random.fold_in(key, 1)
+        self.costs = None
+
+    def sample(self, params: Params) -> list[np.ndarray]:
+        return [sample_in_batches(self.sampler, params, self.sampler.uniform(index), self.noise,
+                                  self.key, self.batch_size)
+                for index in range(len(self.network.widths))]
+
+    def draw(self, params: Params, out_dir: Path) -> tuple[list[Path], np.ndarray]:
+        """Writes the PNGs; returns their paths and the side-by-side grid of all widths."""
+        if self.costs is None:
+            self.costs = macs_table(self.network, params)
+        paths, grids, titles = [], [], []
+        for width, images in zip(self.network.widths, self.sample(params)):
+            paths.append(save_grid(images, Path(out_dir) / f"width_{width}.png"))
+            grids.append(make_grid(images, padding=1, scale=4))
+            titles.append(f"width {width}: {self.costs[width]['conv_linear'] / 1e6:.1f} MMACs")
+        paths.append(save_side_by_side(grids, titles, Path(out_dir) / "widths.png"))
+        return paths, np.concatenate(grids, axis=1)

@@ -1,0 +1,52 @@
+"""The command line as a user runs it: real subprocesses, real exit codes and messages."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+TINY = ["--config.training.num_steps=4", "--config.training.batch_size=16",
+        "--config.training.log_every=2", "--config.sampling.num_steps=5",
+        "--config.sampling.num_samples=8", "--config.sampling.batch_size=8"]
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "-m", "ddsm_jax.main", "--config=configs/digits.py", *args],
+                          capture_output=True, text=True)
+
+
+def test_embedded_run_writes_a_grid_per_width_a_checkpoint_and_metrics(tmp_path):
+    done = run_main(f"--workdir={tmp_path}", *TINY)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["step"] == 4
+    for width in ("1.0", "0.75", "0.5", "0.25"):
+        with Image.open(tmp_path / "samples" / f"width_{width}.png") as image:
+            assert image.size[0] >= 3 * 32  # 8 samples: a 3x3 grid of 32-pixel images
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    # `--mode=sample` reloads the checkpoint instead of training again.
+    again = run_main(f"--workdir={tmp_path}", "--mode=sample", *TINY)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 4
+
+
+def test_a_mistyped_config_key_is_refused(tmp_path):
+    done = run_main(f"--workdir={tmp_path}", "--config.training.num_stpes=4")
+    assert done.returncode != 0
+    assert "num_stpes" in done.stderr
+
+
+def test_an_unknown_data_set_is_one_clear_line(tmp_path):
+    done = run_main(f"--workdir={tmp_path}", "--config.data.name=svhn")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown data set 'svhn'; known data sets: ")
+    assert "digits" in last and "cifar10" in last
+
+
+def test_sampling_without_a_checkpoint_says_what_to_run(tmp_path):
+    done = run_main(f"--workdir={tmp_path}", "--mode=sample", *TINY)
+    assert done.returncode == 1
+    assert "run --mode=train" in done.stderr.strip().splitlines()[-1]
