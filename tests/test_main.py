@@ -7,7 +7,7 @@ import sys
 from PIL import Image
 
 TINY = ["--config.training.num_steps=4", "--config.training.batch_size=16",
-        "--config.training.log_every=2", "--config.sampling.num_steps=5",
+        "--config.training.log_every=2", "--config.training.sample_every=4", "--config.sampling.num_steps=5",
         "--config.sampling.num_samples=8", "--config.sampling.batch_size=8"]
 
 
@@ -26,6 +26,8 @@ def test_embedded_run_writes_a_grid_per_width_a_checkpoint_and_metrics(tmp_path)
             assert image.size[0] >= 3 * 32  # 8 samples: a 3x3 grid of 32-pixel images
     assert (tmp_path / "checkpoints" / "4").is_dir()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "samples" / "step_4" / "widths.png").exists()  # grids during training
     # `--mode=sample` reloads the checkpoint instead of training again.
     again = run_main(f"--workdir={tmp_path}", "--mode=sample", *TINY)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -45,10 +45,11 @@ def test_sandwich_steps_decrease_the_loss_on_real_digits():
     rng = jax.random.key(1)
     for i in range(40):
         batch = jnp.asarray(train_images[(i * 16) % 512:(i * 16) % 512 + 16])
-        state, metrics = step(state, batch, rng, (1.0, 0.25, 0.5))
+        state, metrics = step(state, batch, rng, sandwich_widths(network.widths, 0, i))
     after = float(held_out_loss(state.params))
     assert np.isfinite(metrics["loss"])
     assert after < 0.6 * before, (before, after)
+    assert step._cache_size() == 2  # one compiled step per middle width, never per step
 
 
 def _params_after(config, workdir):
