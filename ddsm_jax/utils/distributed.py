@@ -19,5 +19,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return
     if explicit and (num_processes is None or process_id is None):
         raise ValueError("--coordinator_address needs --num_processes and --process_id too")
+    # Lets CPU-only processes (tests, debugging a launch on one machine) run collectives too;
+    # accelerators use their own collectives and ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
