@@ -13,8 +13,8 @@ import pytest
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import abstract_network, param_count
 from ddsm_jax.training.sandwich import sandwich_widths
-from ddsm_jax.training.sharding import batch_sharding, make_mesh, state_shardings
-from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+from ddsm_jax.training.sharding import batch_sharding, make_mesh
+from ddsm_jax.training.train_step import abstract_train_state, make_optimizer, make_train_step
 
 PAPER_CONFIGS = {  # name: (parameters, image size)
     "cifar10": (35_746_307, 32),
@@ -37,14 +37,10 @@ def test_config_builds_and_its_sharded_train_step_lowers(name):
     assert network.image_shape == (image_size, image_size, config.data.channels)
 
     mesh = make_mesh(config.mesh)
-    optimizer = make_optimizer(config.training)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)
-    state_sharding = state_shardings(mesh, abstract_state)
+    state_in, state_sharding = abstract_train_state(params, make_optimizer(config.training), mesh)
     data_sharding = batch_sharding(mesh)
     step = make_train_step(network, diffusion_from_config(config.diffusion), config.training,
                            state_sharding=state_sharding, batch_sharding=data_sharding)
-    state_in = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding)
     batch = jax.ShapeDtypeStruct((config.training.batch_size, *network.image_shape), jnp.float32,
                                  sharding=data_sharding)
     widths = sandwich_widths(network.widths, config.seed, 0)

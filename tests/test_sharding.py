@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
-from ddsm_jax.training.sharding import batch_sharding, make_mesh, state_shardings
-from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+from ddsm_jax.training.sharding import batch_sharding, make_mesh
+from ddsm_jax.training.train_step import (TrainState, make_optimizer, make_train_step,
+                                          sharded_train_state)
 from tests.helpers import tiny_config
 
 
@@ -53,9 +54,7 @@ def test_sharded_step_equals_the_single_device_step(fsdp):
     single_params = jax.device_get(state.params)
 
     mesh = make_mesh(config.mesh)
-    create = lambda p: TrainState.create(p, optimizer)  # noqa: E731
-    sharding = state_shardings(mesh, jax.eval_shape(create, params))
-    sharded_state = jax.jit(create, out_shardings=sharding)(params)
+    sharded_state, sharding = sharded_train_state(params, optimizer, mesh)
     data_sharding = batch_sharding(mesh)
     sharded = make_train_step(network, diffusion, config.training, state_sharding=sharding,
                               batch_sharding=data_sharding)

@@ -24,9 +24,9 @@ from ddsm_jax.training.checkpoint import Checkpointer
 from ddsm_jax.training.metrics import MetricWriter
 from ddsm_jax.training.preemption import PreemptionWatch
 from ddsm_jax.training.sandwich import sandwich_widths
-from ddsm_jax.training.sharding import (batch_sharding, global_batch, make_mesh,
-                                        state_shardings)
-from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+from ddsm_jax.training.sharding import batch_sharding, global_batch, make_mesh
+from ddsm_jax.training.train_step import (TrainState, make_optimizer, make_train_step,
+                                          sharded_train_state)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,11 +52,9 @@ def _check_finite(step: int, loss: float, config: ml_collections.ConfigDict) -> 
 def _initial_state(config: ml_collections.ConfigDict) -> tuple[Network, TrainState, object]:
     """Fresh parameters placed straight into their shardings, and those shardings."""
     network, params = init_network(config, jax.random.key(config.seed))
-    optimizer = make_optimizer(config.training)
-    create = lambda p: TrainState.create(p, optimizer)  # noqa: E731
-    mesh = make_mesh(config.mesh)
-    sharding = state_shardings(mesh, jax.eval_shape(create, params))
-    return network, jax.jit(create, out_shardings=sharding)(params), sharding
+    state, sharding = sharded_train_state(params, make_optimizer(config.training),
+                                          make_mesh(config.mesh))
+    return network, state, sharding
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:

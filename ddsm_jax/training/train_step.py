@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddsm_jax.diffusion.losses import epsilon_loss
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network, Params
+from ddsm_jax.training.sharding import state_shardings
 
 
 @flax.struct.dataclass
@@ -30,6 +31,25 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
                    opt_state=optimizer.init(params))
+
+
+def abstract_train_state(params: Params, optimizer: optax.GradientTransformation,
+                         mesh: Mesh) -> tuple[TrainState, Any]:
+    """Shapes of the train state with their shardings on `mesh` (nothing is allocated), and
+    those shardings: what ahead-of-time compilation and sharded initialisation need."""
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)
+    shardings = state_shardings(mesh, abstract)
+    with_shardings = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return with_shardings, shardings
+
+
+def sharded_train_state(params: Params, optimizer: optax.GradientTransformation,
+                        mesh: Mesh) -> tuple[TrainState, Any]:
+    """A fresh train state placed straight into its shardings, and those shardings."""
+    _, shardings = abstract_train_state(params, optimizer, mesh)
+    state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)(params)
+    return state, shardings
 
 
 def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
