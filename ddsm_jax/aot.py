@@ -1,14 +1,20 @@
-"""Ahead-of-time compilation for a TPU slice, on this CPU: does a config fit before we pay for a pod?
+"""Ahead-of-time compilation for a TPU slice, on a CPU: does a config fit before we pay for a pod?
 
     python -m ddsm_jax.aot --config=configs/celeba.py --topology=v5e:4x4 [--batch_size=128]
-        [--sample_batch_size=64] [--json_out=aot.jsonl] [--config.mesh.fsdp=4 ...]
+        [--sample_batch_size=64] [--json_out=aot.jsonl] [--cache_dir=DIR] [--config.mesh.fsdp=4 ...]
 
 Compiles, for the slice's TPU compiler but without any TPU, the exact sharded programs a pod run
 executes: the sandwich train step once per middle width (each is its own compiled program, as in
 training) and the step-aware sampler of `config.sampling` with every width as a `lax.switch`
 branch. Prints one JSON object per program with its per-chip memory (arguments, outputs, XLA
 temporaries, generated code; GiB) and compile seconds, so a batch size or mesh that runs out of
-HBM fails here in minutes rather than on the pod after the queue, the VM and the data load.
+HBM fails here rather than on the pod after the queue, the VM and the data load.
+
+The TPU compiler is slow on a small CPU host (the CIFAR-10 train step: ~19 minutes on 2 cores),
+and JAX's persistent cache cannot reload an executable compiled without a TPU client. So this tool
+keeps its own cache of *reports*, keyed by a hash of the lowered program (StableHLO with its
+shardings and donations), the topology and the jax/libtpu versions: lowering takes seconds, and an
+unchanged program is reported from the cache (`"cached": true`) instead of compiled again.
 
 Needs libtpu (the TPU compiler): `pip install "libtpu==0.0.42.*"`, the version `jax[tpu]==0.10.2`
 pins. libtpu warns that TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES are unset; that is expected
@@ -17,42 +23,38 @@ off a TPU VM and harmless here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-# Before JAX is imported: run every host-side computation on the CPU and never claim a local TPU
-# (so this also works next to a running job), and do not contend for libtpu's single-process lock
-# with other JAX processes that loaded it: this process only compiles.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-import functools  # noqa: E402
-import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as <generation>:<chip grid>, e.g. "
-                                "v5e:4x4 (v5litepod-16), v5e:2x4, v4:2x2x2, v5p:2x2x4.")
+                                "v5e:4x4 (v5litepod-16), v5e:2x4, v5p:2x2x4, v6e:4x4.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global training batch "
                                    "(default: config.training.batch_size).")
 _SAMPLE_BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", None, "Global sampling batch "
                                           "(default: config.sampling.batch_size).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON lines to this file.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where compile reports are cached "
+                                 "(default: <compilation cache>/aot_reports; '' disables).")
 
 GIB = 2**30
-# HBM per JAX device (a chip, or a core where a chip shows two devices), by `device_kind`.
-HBM_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
-           "TPU v6 lite": 32}
+# HBM per JAX device, by `device_kind`, where one device is one chip (v5e, v5p, v6e) or one core
+# (v2, v3). v4 is left out: its 2x2x4 description has 32 devices for 16 megacore chips.
+HBM_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 
 
 class AotError(RuntimeError):
@@ -68,7 +70,12 @@ def libtpu_requirement() -> str:
 
 
 def require_libtpu() -> None:
-    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    """Fails with the install line when no TPU compiler can be found."""
+    try:
+        found = importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found and not os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", "")):
         raise AotError(f"ahead-of-time compilation for TPU needs the TPU compiler: "
                        f"pip install \"{libtpu_requirement()}\"")
 
@@ -119,13 +126,62 @@ def memory_report(compiled: Any) -> dict[str, float]:
     return {name: round(value / GIB, 4) for name, value in sizes.items()}
 
 
-def _compile(lowerable: Any, *args: Any) -> tuple[Any, float]:
+class ReportCache:
+    """Memory reports of compiled programs, one JSON file per program hash."""
+
+    def __init__(self, directory: str | Path | None, topology: str):
+        self.directory = Path(directory) if directory else None
+        self.salt = json.dumps([topology, importlib.metadata.version("jax"), _libtpu_version()])
+
+    def key(self, lowered: Any) -> str:
+        digest = hashlib.sha256(self.salt.encode())
+        digest.update(lowered.as_text().encode())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.directory / f"{key}.json" if self.directory else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f"{key}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(self.directory / f"{key}.json")
+
+
+def _libtpu_version() -> str:
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return os.environ.get("TPU_LIBRARY_PATH", "unknown")
+
+
+def compile_report(jitted: Any, args: Sequence[Any], cache: ReportCache) -> dict[str, Any]:
+    """Lowers `jitted(*args)`, compiles it unless the cache knows the program, reports memory."""
     start = time.perf_counter()
-    compiled = lowerable.lower(*args).compile()
-    return compiled, round(time.perf_counter() - start, 2)
+    lowered = jitted.lower(*args)
+    lower_seconds = time.perf_counter() - start
+    key = cache.key(lowered)
+    entry = cache.get(key)
+    if entry is not None:
+        return {**entry, "cached": True}
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    entry = {"memory_gib_per_chip": memory_report(compiled),
+             "compile_seconds": round(lower_seconds + time.perf_counter() - start, 2)}
+    cache.put(key, entry)
+    return {**entry, "cached": False}
 
 
-def compile_programs(config: Any, topology: str) -> list[dict[str, Any]]:
+def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = None
+                     ) -> list[dict[str, Any]]:
     """Compiles the train steps and the sampler for `topology`; one report dict per program."""
     import jax
     import jax.numpy as jnp
@@ -138,6 +194,9 @@ def compile_programs(config: Any, topology: str) -> list[dict[str, Any]]:
     from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
 
     require_libtpu()
+    # Entries compiled without a TPU client cannot be reloaded, only rewritten: keep them out.
+    jax.config.update("jax_enable_compilation_cache", False)
+    cache = ReportCache(cache_dir, topology)
     devices = tpu_devices(topology)
     num_chips = len(devices)
     train_batch, sample_batch = config.training.batch_size, config.sampling.batch_size
@@ -161,27 +220,31 @@ def compile_programs(config: Any, topology: str) -> list[dict[str, Any]]:
 
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-    images = lambda batch: jax.ShapeDtypeStruct(  # noqa: E731
-        (batch, *network.image_shape), jnp.float32, sharding=data_sharding)
+
+    def images(batch: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, *network.image_shape), jnp.float32,
+                                    sharding=data_sharding)
+
     common = {"config": config.data.name, "topology": topology,
               "device_kind": devices[0].device_kind, "num_chips": num_chips,
               "mesh": dict(mesh.shape), "params": param_count(abstract_params),
               "hbm_gib_per_chip": HBM_GIB.get(devices[0].device_kind)}
 
-    def report(program: str, compiled: Any, seconds: float, **fields: Any) -> dict[str, Any]:
-        memory = memory_report(compiled)
+    def report(program: str, compiled: dict[str, Any], **fields: Any) -> dict[str, Any]:
         hbm = common["hbm_gib_per_chip"]
-        return {"program": program, **common, **fields, "memory_gib_per_chip": memory,
-                "fits": None if hbm is None else memory["total"] <= hbm,
-                "compile_seconds": seconds}
+        total = compiled["memory_gib_per_chip"]["total"]
+        entry = {"program": program, **common, **fields, **compiled,
+                 "fits": None if hbm is None else total <= hbm}
+        print(json.dumps(entry), flush=True)  # as soon as known: a full run takes a while
+        return entry
 
     reports = []
     train_step = make_train_step(network, diffusion, config.training, state_sharding=state_sharding,
                                  batch_sharding=data_sharding)
     state_in = placed(abstract_state, state_sharding)
     for widths in sandwich_width_sets(network.widths):
-        compiled, seconds = _compile(train_step, state_in, images(train_batch), key, widths)
-        reports.append(report("train_step", compiled, seconds, widths=list(widths),
+        compiled = compile_report(train_step, (state_in, images(train_batch), key, widths), cache)
+        reports.append(report("train_step", compiled, widths=list(widths),
                               global_batch=train_batch, per_chip_batch=train_batch // num_chips))
 
     sampling = config.sampling
@@ -190,39 +253,56 @@ def compile_programs(config: Any, topology: str) -> list[dict[str, Any]]:
 
     def sample(params: Any, schedule: jax.Array, x_T: jax.Array, key: jax.Array) -> jax.Array:
         # What `sampling.ScheduleSampler` compiles for a schedule that uses every width.
-        eps_fns = [functools.partial(lambda x, t, w: network.apply(params, x, t, width=w), w=w)
-                   for w in network.widths]
+        def eps(x: jax.Array, t: jax.Array, *, width: float) -> jax.Array:
+            return network.apply(params, x, t, width=width)
+
+        eps_fns = [functools.partial(eps, width=w) for w in network.widths]
         return samplers.sample(eps_fns, diffusion, schedule, x_T, key, method=sampling.method,
                                timesteps=timesteps, eta=sampling.eta, variance=sampling.variance,
                                clip_denoised=sampling.clip_denoised)
 
     schedule = jax.ShapeDtypeStruct((len(timesteps),), jnp.int32, sharding=rep)
-    compiled, seconds = _compile(jax.jit(sample, out_shardings=data_sharding),
-                                 placed(abstract_state.ema_params, state_sharding.ema_params),
-                                 schedule, images(sample_batch), key)
-    reports.append(report("sampler", compiled, seconds, method=sampling.method,
+    params_in = placed(abstract_state.ema_params, state_sharding.ema_params)
+    compiled = compile_report(jax.jit(sample, out_shardings=data_sharding),
+                              (params_in, schedule, images(sample_batch), key), cache)
+    reports.append(report("sampler", compiled, method=sampling.method,
                           num_steps=len(timesteps), branches=list(network.widths),
                           global_batch=sample_batch, per_chip_batch=sample_batch // num_chips))
     return reports
 
 
+def compile_only_environment() -> None:
+    """Must run before JAX is imported (this module imports it lazily for that reason).
+
+    Host-side work stays on the CPU and no local TPU is ever claimed (so this also runs next to a
+    job on a TPU VM), and libtpu's one-process lock file is skipped: this process only compiles,
+    and other JAX processes on the machine may have loaded libtpu too.
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    compile_only_environment()
     config = _CONFIG.value
     with config.unlocked():
         if _BATCH_SIZE.value is not None:
             config.training.batch_size = _BATCH_SIZE.value
         if _SAMPLE_BATCH_SIZE.value is not None:
             config.sampling.batch_size = _SAMPLE_BATCH_SIZE.value
+    cache_dir = _CACHE_DIR.value
+    if cache_dir is None:
+        from ddsm_jax.utils.compilation_cache import DEFAULT_DIR
+        cache_dir = Path(DEFAULT_DIR) / "aot_reports"
     try:
-        reports = compile_programs(config, _TOPOLOGY.value)
+        reports = compile_programs(config, _TOPOLOGY.value, cache_dir)
     except AotError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    lines = [json.dumps(r) for r in reports]
-    print("\n".join(lines), flush=True)
     if _JSON_OUT.value:
+        lines = [json.dumps(r) for r in reports]
         path = Path(_JSON_OUT.value)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
