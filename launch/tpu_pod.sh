@@ -119,6 +119,13 @@ on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$1"
 }
 
+create_vm() {
+  local create=(gcloud compute tpus tpu-vm create "$name" "${gcloud_flags[@]}"
+    "--accelerator-type=$type" "--version=$runtime")
+  ((spot == 0)) || create+=(--spot)
+  run "${create[@]}"
+}
+
 # 1. The TPU VM: reuse it when READY, replace it when preempted, else create it.
 state=""
 if ((dry_run)); then
@@ -140,19 +147,11 @@ case "$state" in
       exit 0
     fi
     ;;
-  "")
-    create=(gcloud compute tpus tpu-vm create "$name" "${gcloud_flags[@]}"
-      "--accelerator-type=$type" "--version=$runtime")
-    ((spot == 0)) || create+=(--spot)
-    run "${create[@]}"
-    ;;
+  "") create_vm ;;
   PREEMPTED|TERMINATED|STOPPED)
     echo "TPU VM $name is $state: deleting and creating it again"
     run gcloud compute tpus tpu-vm delete "$name" "${gcloud_flags[@]}" --quiet
-    create=(gcloud compute tpus tpu-vm create "$name" "${gcloud_flags[@]}"
-      "--accelerator-type=$type" "--version=$runtime")
-    ((spot == 0)) || create+=(--spot)
-    run "${create[@]}"
+    create_vm
     ;;
   *) die "TPU VM $name is $state; wait until it is READY (or delete it) and rerun" ;;
 esac

@@ -71,8 +71,10 @@ def test_dry_run_prints_create_install_and_a_detached_run_on_every_worker():
 
 
 def test_dry_run_with_a_repo_clones_instead_of_copying():
-    done = tpu_pod(*REQUIRED, "--repo=https://example.com/ddsm_jax.git", "--branch=v1", "--dry-run")
+    done = tpu_pod(*REQUIRED, "--repo=https://example.com/ddsm_jax.git", "--branch=v1", "--spot",
+                   "--dry-run")
     assert done.returncode == 0, done.stderr
+    assert "--version=v2-alpha-tpuv5-lite --spot" in done.stdout
     assert "git clone --depth=1 --branch v1 https://example.com/ddsm_jax.git" in done.stdout
     assert "tpu-vm scp" not in done.stdout and "tar -czf" not in done.stdout
 
