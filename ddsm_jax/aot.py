@@ -189,9 +189,12 @@ def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = 
     from ddsm_jax.diffusion import samplers
     from ddsm_jax.diffusion.schedules import diffusion_from_config
     from ddsm_jax.models.network import abstract_network, param_count
-    from ddsm_jax.training.sharding import (batch_sharding, make_mesh, replicated,
-                                            state_shardings)
-    from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+    from ddsm_jax.training.sharding import batch_sharding, make_mesh, replicated
+    from ddsm_jax.training.train_step import (
+        abstract_train_state,
+        make_optimizer,
+        make_train_step,
+    )
 
     require_libtpu()
     # Entries compiled without a TPU client cannot be reloaded, only rewritten: keep them out.
@@ -209,14 +212,9 @@ def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = 
 
     network, abstract_params = abstract_network(config)
     diffusion = diffusion_from_config(config.diffusion)
-    optimizer = make_optimizer(config.training)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), abstract_params)
-    state_sharding = state_shardings(mesh, abstract_state)
+    state_in, state_sharding = abstract_train_state(abstract_params,
+                                                    make_optimizer(config.training), mesh)
     data_sharding, rep = batch_sharding(mesh), replicated(mesh)
-
-    def placed(tree: Any, sharding: Any) -> Any:
-        return jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
@@ -241,7 +239,6 @@ def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = 
     reports = []
     train_step = make_train_step(network, diffusion, config.training, state_sharding=state_sharding,
                                  batch_sharding=data_sharding)
-    state_in = placed(abstract_state, state_sharding)
     for widths in sandwich_width_sets(network.widths):
         compiled = compile_report(train_step, (state_in, images(train_batch), key, widths), cache)
         reports.append(report("train_step", compiled, widths=list(widths),
@@ -262,9 +259,8 @@ def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = 
                                clip_denoised=sampling.clip_denoised)
 
     schedule = jax.ShapeDtypeStruct((len(timesteps),), jnp.int32, sharding=rep)
-    params_in = placed(abstract_state.ema_params, state_sharding.ema_params)
     compiled = compile_report(jax.jit(sample, out_shardings=data_sharding),
-                              (params_in, schedule, images(sample_batch), key), cache)
+                              (state_in.ema_params, schedule, images(sample_batch), key), cache)
     reports.append(report("sampler", compiled, method=sampling.method,
                           num_steps=len(timesteps), branches=list(network.widths),
                           global_batch=sample_batch, per_chip_batch=sample_batch // num_chips))
