@@ -60,4 +60,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.sampling.clip_denoised = False
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.num_samples = 50_000  # per entry (full, each uniform width, the schedule)
+    config.eval.features = "auto"  # 'auto': 'domain' for digits/mnist, else 'inception'
+    # The FID Inception weights as .npz (python -m ddsm_jax.eval.convert_inception; README).
+    config.eval.inception_weights = config_dict.placeholder(str)
+    # Published pytorch-fid statistics (.npz with mu, sigma); unset: computed from the training
+    # split (up to num_reference images) and cached in the workdir, which also gives KID.
+    config.eval.reference_stats = config_dict.placeholder(str)
+    config.eval.num_reference = 50_000
+    config.eval.feature_batch_size = 200
+    config.eval.kid_subsets = 100
+    config.eval.kid_subset_size = 1000
+    # A schedule.json to evaluate and export; unset: DIR/search/schedule.json if it exists.
+    config.eval.schedule = config_dict.placeholder(str)
+
+    config.export = ml_collections.ConfigDict()
+    config.export.num_samples = 50_000  # samples.npz, the input of guided-diffusion's evaluator
     return config

@@ -34,4 +34,7 @@ def get_config():
     config.sampling.num_steps = 100
     config.sampling.num_samples = 100
     config.sampling.batch_size = 100
+
+    config.eval.num_samples = 1000
+    config.export.num_samples = 1000
     return config

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from ddsm_jax.diffusion import samplers
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network, Params
+from ddsm_jax.width_schedule import WidthSchedule
 
 
 class ScheduleSampler:
@@ -65,16 +67,26 @@ class ScheduleSampler:
     def uniform(self, width_index: int) -> np.ndarray:
         return np.full((self.num_steps,), width_index, np.int32)
 
+    def to_indices(self, width_schedule: WidthSchedule) -> np.ndarray:
+        """A schedule file's widths as this network's indices, checked against this sampler."""
+        return width_schedule.indices_for(self.network.widths, self.method, self.timesteps)
+
+    def to_width_schedule(self, schedule: Sequence[int], **figures) -> WidthSchedule:
+        return WidthSchedule(self.network.widths, tuple(int(i) for i in schedule),
+                             tuple(int(t) for t in self.timesteps), self.method, figures)
+
 
 def initial_noise(key: jax.Array, num_samples: int, image_shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, (num_samples, *image_shape), jnp.float32)
 
 
 def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequence[int],
-                      noise: jax.Array, key: jax.Array, batch_size: int) -> np.ndarray:
+                      noise: jax.Array, key: jax.Array, batch_size: int, *,
+                      progress: bool = False) -> np.ndarray:
     """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation)."""
     outputs = []
-    for start in range(0, noise.shape[0], batch_size):
+    starts = range(0, noise.shape[0], batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
         chunk = noise[start:start + batch_size]
         count = chunk.shape[0]
         if count < batch_size:  # pad the last batch rather than compile a new shape

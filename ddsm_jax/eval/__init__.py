@@ -1,0 +1,1 @@
+"""Evaluation: feature networks (FID Inception, the domain classifier), FD/KID, evaluate mode."""
