@@ -64,43 +64,88 @@ def _step_noise(key: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.
     return jax.random.normal(jax.random.fold_in(key, step), shape, dtype=jnp.float32)
 
 
+def _ddpm_log_variance(diffusion: Diffusion, variance: str) -> jax.Array:
+    if variance == "fixedlarge":
+        # The DDPM release uses beta_t as the variance, except the (unused) t = 0 entry.
+        return jnp.log(jnp.concatenate([diffusion.posterior_variance[1:2], diffusion.betas[1:]]))
+    if variance == "fixedsmall":
+        return diffusion.posterior_log_variance_clipped
+    raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {DDPM_VARIANCES}")
+
+
+StepUpdate = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta: float = 0.0,
+                variance: str = "fixedlarge", clip_denoised: bool = False) -> StepUpdate:
+    """`update(x, eps, step, key) -> x_prev`: sampling step `step` (an index into `timesteps`)
+    given the denoiser's output. The samplers below and the search's population evaluator both
+    build their loops from it, so a searched schedule is scored by exactly the sampler it runs on.
+    """
+    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
+    t_of = jnp.asarray(timesteps)
+    if method == "ddpm":
+        log_variance = _ddpm_log_variance(diffusion, variance)
+
+        def update(x, eps, step, key):
+            t = t_of[step]
+            t_batch = jnp.full((x.shape[0],), t, dtype=jnp.int32)
+            x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
+            if clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+            mean = q_posterior_mean(diffusion, x0, x, t_batch)
+            std = jnp.exp(0.5 * extract(log_variance, t_batch, x.ndim))
+            noise = _step_noise(key, step, x.shape)
+            return mean + jnp.where(t > 0, 1.0, 0.0) * std * noise
+
+        return update
+    if method == "ddim":
+        t_prev_of = jnp.asarray(np.append(timesteps[1:], -1).astype(np.int32))  # -1: the end
+
+        def update(x, eps, step, key):
+            t, t_prev = t_of[step], t_prev_of[step]
+            t_batch = jnp.full((x.shape[0],), t, dtype=jnp.int32)
+            x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
+            if clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+            a_t = diffusion.alphas_cumprod[t]
+            a_prev = jnp.where(t_prev >= 0, diffusion.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+            sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t)) * jnp.sqrt(1.0 - a_t / a_prev)
+            direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0))
+            noise = _step_noise(key, step, x.shape)
+            return jnp.sqrt(a_prev) * x0 + direction * eps + sigma * noise
+
+        return update
+    raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
+
+
+def _scan_sample(eps_fns: tuple[EpsFn, ...], update: StepUpdate, timesteps: np.ndarray,
+                 widths: jax.Array, x_T: jax.Array, key: jax.Array) -> jax.Array:
+    x_T = x_T.astype(jnp.float32)
+    t_of = jnp.asarray(timesteps, dtype=jnp.int32)
+
+    def body(x, inputs):
+        width_index, step = inputs
+        t_batch = jnp.full((x.shape[0],), t_of[step], dtype=jnp.int32)
+        eps = _step_eps(eps_fns, width_index, x, t_batch)
+        return update(x, eps, step, key), None
+
+    steps = jnp.arange(len(timesteps), dtype=jnp.int32)
+    x0, _ = jax.lax.scan(body, x_T, (widths, steps))
+    return jnp.clip(x0, -1.0, 1.0)
+
+
 def ddpm_sample(eps_fns: Sequence[EpsFn], diffusion: Diffusion, width_schedule: jax.Array,
                 x_T: jax.Array, key: jax.Array, variance: str = "fixedlarge",
                 clip_denoised: bool = False) -> jax.Array:
     """Ancestral sampling over all T steps, t = T-1 ... 0, with a per-step denoiser."""
     eps_fns = _as_eps_fns(eps_fns)
     chex.assert_rank(x_T, 4)
-    num_steps = diffusion.num_timesteps
-    widths = _check_width_schedule(width_schedule, num_steps, len(eps_fns))
-    if variance == "fixedlarge":
-        # The DDPM release uses beta_t as the variance, except the (unused) t = 0 entry.
-        log_variance = jnp.log(jnp.concatenate([diffusion.posterior_variance[1:2],
-                                                diffusion.betas[1:]]))
-    elif variance == "fixedsmall":
-        log_variance = diffusion.posterior_log_variance_clipped
-    else:
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {DDPM_VARIANCES}")
-
-    x_T = x_T.astype(jnp.float32)
-    batch = x_T.shape[0]
-    timesteps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-
-    def body(x, inputs):
-        t, width_index, step = inputs
-        t_batch = jnp.full((batch,), t, dtype=jnp.int32)
-        eps = _step_eps(eps_fns, width_index, x, t_batch)
-        x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        mean = q_posterior_mean(diffusion, x0, x, t_batch)
-        std = jnp.exp(0.5 * extract(log_variance, t_batch, x.ndim))
-        noise = _step_noise(key, step, x.shape)
-        x_prev = mean + jnp.where(t > 0, 1.0, 0.0) * std * noise
-        return x_prev, None
-
-    x0, _ = jax.lax.scan(body, x_T, (timesteps, widths, steps))
-    return jnp.clip(x0, -1.0, 1.0)
+    timesteps = np.arange(diffusion.num_timesteps - 1, -1, -1)
+    widths = _check_width_schedule(width_schedule, len(timesteps), len(eps_fns))
+    update = step_update(diffusion, method="ddpm", timesteps=timesteps, variance=variance,
+                         clip_denoised=clip_denoised)
+    return _scan_sample(eps_fns, update, timesteps, widths, x_T, key)
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
@@ -138,32 +183,10 @@ def ddim_sample(eps_fns: Sequence[EpsFn], diffusion: Diffusion, timesteps: np.nd
     eps_fns = _as_eps_fns(eps_fns)
     chex.assert_rank(x_T, 4)
     timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
-    num_steps = timesteps.shape[0]
-    widths = _check_width_schedule(width_schedule, num_steps, len(eps_fns))
-    prev_timesteps = np.append(timesteps[1:], -1).astype(np.int32)  # -1: past the last step
-
-    x_T = x_T.astype(jnp.float32)
-    batch = x_T.shape[0]
-
-    def body(x, inputs):
-        t, t_prev, width_index, step = inputs
-        t_batch = jnp.full((batch,), t, dtype=jnp.int32)
-        eps = _step_eps(eps_fns, width_index, x, t_batch)
-        x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        a_t = diffusion.alphas_cumprod[t]
-        a_prev = jnp.where(t_prev >= 0, diffusion.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-        sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t)) * jnp.sqrt(1.0 - a_t / a_prev)
-        direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0))
-        noise = _step_noise(key, step, x.shape)
-        x_prev = jnp.sqrt(a_prev) * x0 + direction * eps + sigma * noise
-        return x_prev, None
-
-    xs = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), widths,
-          jnp.arange(num_steps, dtype=jnp.int32))
-    x0, _ = jax.lax.scan(body, x_T, xs)
-    return jnp.clip(x0, -1.0, 1.0)
+    widths = _check_width_schedule(width_schedule, len(timesteps), len(eps_fns))
+    update = step_update(diffusion, method="ddim", timesteps=timesteps, eta=eta,
+                         clip_denoised=clip_denoised)
+    return _scan_sample(eps_fns, update, timesteps, widths, x_T, key)
 
 
 def sampling_timesteps(method: str, num_timesteps: int, num_steps: int | None = None,

@@ -1,0 +1,1 @@
+"""Step-aware search: per-step widths found by a parallel evolutionary search."""
