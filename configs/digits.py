@@ -37,4 +37,12 @@ def get_config():
 
     config.eval.num_samples = 1000
     config.export.num_samples = 1000
+
+    # The reproduction target: at most ~55% of full width's MACs at full width's FD.
+    config.search.objective = "budget"
+    config.search.macs_budget = 0.55
+    config.search.population_size = 16
+    config.search.generations = 8
+    config.search.num_samples = 256
+    config.search.num_piecewise = 6
     return config

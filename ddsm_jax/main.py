@@ -1,7 +1,10 @@
 """Entry point: `python -m ddsm_jax.main --config=configs/digits.py --workdir=DIR [--mode=...]`.
 
 Modes: `train` trains the supernet (resuming from DIR if it holds checkpoints) then draws one
-sample grid per width; `sample` draws the grids from DIR's latest checkpoint.
+sample grid per width; `sample` draws the grids from DIR's latest checkpoint; `search` finds a width
+per sampling step (DIR/search/); `evaluate` scores full width, every uniform width and the
+schedule (DIR/eval/metrics.json); `export` writes the standalone artifact and its samples
+(DIR/export/); `all` runs train, search, evaluate and export in turn.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "Stage to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "search", "evaluate", "export",
+                                           "all"], "Stage to run; 'all' runs train, search, "
+                          "evaluate and export in turn.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside TPU pods "
     "and SLURM (which JAX detects itself); needs --num_processes and --process_id.")
@@ -24,11 +29,15 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
 
 
+STAGES = {"train": ("grids",), "sample": ("grids",), "search": ("search",),
+          "evaluate": ("evaluate",), "export": ("export",),
+          "all": ("grids", "search", "evaluate", "export")}
+
+
 def run(config, workdir: str, mode: str) -> None:
     # Imported here so that `--help` and flag errors answer without loading JAX.
     import jax
 
-    from ddsm_jax.grids import WidthGrids
     from ddsm_jax.training.train import load_trained, train
 
     is_main = jax.process_index() == 0
@@ -36,12 +45,53 @@ def run(config, workdir: str, mode: str) -> None:
     if is_main:
         workdir_path.mkdir(parents=True, exist_ok=True)
         (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
-    result = train(config, workdir_path) if mode == "train" else load_trained(config, workdir_path)
+    trains = mode in ("train", "all")
+    result = train(config, workdir_path) if trains else load_trained(config, workdir_path)
+    # Sampling, search, evaluation and export run on process 0 over its local devices.
     if result.preempted or not is_main:
         return
-    grids = WidthGrids(config, result.network, result.diffusion)
-    paths, _ = grids.draw(result.state.ema_params, workdir_path / "samples")
-    print(json.dumps({"step": int(result.state.step), "samples": [str(p) for p in paths]}))
+    for stage in STAGES[mode]:
+        report = run_stage(stage, config, workdir_path, result)
+        print(json.dumps({"stage": stage, "step": int(result.state.step), **report}), flush=True)
+
+
+def run_stage(stage: str, config, workdir: Path, result) -> dict:
+    """One stage on the trained EMA weights; returns what the user should see of it."""
+    params = result.state.ema_params
+    if stage == "grids":
+        from ddsm_jax.grids import WidthGrids
+
+        paths, _ = WidthGrids(config, result.network, result.diffusion).draw(
+            params, workdir / "samples")
+        return {"samples": [str(p) for p in paths]}
+    if stage == "search":
+        from ddsm_jax.search.search import EvolutionarySearch
+
+        schedule = EvolutionarySearch(config, workdir, result.network, result.diffusion,
+                                      params).run()
+        return {"schedule": str(workdir / "search" / "schedule.json"),
+                **{k: schedule.figures[k] for k in ("fd", "full_fd", "macs_ratio",
+                                                    "network_evaluations",
+                                                    "naive_network_evaluations")}}
+    from ddsm_jax.sampling import ScheduleSampler
+    from ddsm_jax.width_schedule import find_schedule
+
+    sampler = ScheduleSampler(result.network, result.diffusion, config.sampling)
+    schedule = find_schedule(config.eval.schedule, workdir, widths=result.network.widths,
+                             sampler=sampler.method, timesteps=sampler.timesteps)
+    if stage == "evaluate":
+        from ddsm_jax.eval.evaluate import evaluate
+
+        metrics = evaluate(config, workdir, result.network, result.diffusion, params,
+                           schedule=schedule)
+        return {"metrics": str(workdir / "eval" / "metrics.json"),
+                **{k: metrics[k] for k in ("full", "uniform", "schedule", "noise")
+                   if k in metrics}}
+    from ddsm_jax.export import export_run
+
+    path = export_run(config, workdir / "export", result.network, result.diffusion, params,
+                      schedule, step=int(result.state.step))
+    return {"export": str(path)}
 
 
 def main(argv: list[str]) -> None:

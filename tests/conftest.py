@@ -13,3 +13,26 @@ os.environ.setdefault("DDSM_JAX_CACHE_DIR", str(Path(__file__).resolve().parent.
 from ddsm_jax.utils.compilation_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()
+
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(tmp_path_factory):
+    """The digits domain classifier, trained once per session; `install(workdir)` copies its
+    cache into a workdir so evaluation and search there read it instead of training."""
+    from ddsm_jax.eval.classifier import domain_extractor
+    from tests.helpers import tiny_config
+
+    source = tmp_path_factory.mktemp("classifier")
+    domain_extractor(tiny_config(), source, progress=False)
+
+    def install(workdir: Path) -> None:
+        target = Path(workdir) / "eval" / "classifier"
+        if not target.exists():
+            shutil.copytree(source / "eval" / "classifier", target)
+
+    return install

@@ -84,7 +84,7 @@ class PopulationSampler:
 
     def __init__(self, sampler: ScheduleSampler, mesh: Mesh | None = None):
         self.sampler = sampler
-        self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("pop",))
+        self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.local_devices()), ("pop",))
         self.num_shards = self.mesh.shape["pop"]
         self.update = samplers.step_update(
             sampler.diffusion, method=sampler.method, timesteps=sampler.timesteps,

@@ -1,0 +1,104 @@
+"""`--mode=evaluate`: quality, cost and time of full width, every uniform width and the schedule.
+
+Every entry samples from the same initial noise with the same per-step noise, so the
+differences between entries are differences of width, not of luck. Writes
+`DIR/eval/metrics.json` and one sample grid per entry (plus `samples.png`, all side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
+from ddsm_jax.eval.features import compute_features
+from ddsm_jax.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+from ddsm_jax.models.cost import macs_table, schedule_cost
+from ddsm_jax.models.network import Network, Params
+from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.utils.images import make_grid, save_grid
+from ddsm_jax.utils.plots import save_side_by_side
+from ddsm_jax.width_schedule import WidthSchedule
+
+GRID_IMAGES = 64
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
+             diffusion: Diffusion, params: Params, *, schedule: WidthSchedule | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Samples `config.eval.num_samples` images per entry, scores them, writes the results."""
+    out_dir = Path(workdir) / "eval"
+    extractor, extractor_info = feature_extractor(config, workdir)
+    reference = reference_statistics(config, extractor, workdir, progress=progress)
+    sampler = ScheduleSampler(network, diffusion, config.sampling)
+    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    noise = initial_noise(jax.random.fold_in(key, 0), config.eval.num_samples, network.image_shape)
+    sample_key = jax.random.fold_in(key, 1)
+    batch = config.sampling.batch_size
+    timing_noise = initial_noise(jax.random.fold_in(key, 2), batch, network.image_shape)
+    total_macs = [row["total"] for row in macs_table(network, params).values()]
+
+    def score(images: np.ndarray) -> dict[str, float]:
+        features = compute_features(extractor, images, batch_size=config.eval.feature_batch_size)
+        mu, sigma = feature_statistics(features)
+        result = {"fd": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+        if reference.features is not None:
+            kid, kid_std = kernel_inception_distance(
+                features, reference.features, num_subsets=config.eval.kid_subsets,
+                subset_size=config.eval.kid_subset_size, seed=config.seed)
+            result.update(kid=kid, kid_std=kid_std)
+        return result
+
+    entries = [("full", sampler.uniform(0))]
+    entries += [(f"uniform {w}", sampler.uniform(i)) for i, w in enumerate(network.widths) if i]
+    if schedule is not None:
+        entries.append(("schedule", sampler.to_indices(schedule)))
+    results, grids, titles = {}, [], []
+    for name, indices in tqdm(entries, desc="evaluate", disable=not progress):
+        images = sample_in_batches(sampler, params, indices, noise, sample_key, batch)
+        start = time.perf_counter()
+        jax.block_until_ready(sampler(params, indices, timing_noise, sample_key))
+        seconds = time.perf_counter() - start
+        cost = schedule_cost(total_macs, indices)
+        results[name] = {**score(images), "macs_mean": cost["macs_mean"],
+                         "macs_ratio": cost["macs_ratio"], "seconds": seconds}
+        save_grid(images[:GRID_IMAGES], out_dir / f"{name.replace(' ', '_')}.png")
+        grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
+        titles.append(f"{name}: FD {results[name]['fd']:.3g}, "
+                      f"{cost['macs_mean'] / 1e6:.3g} MMACs")
+    save_side_by_side(grids, titles, out_dir / "samples.png")
+    noise_images = np.clip(np.asarray(noise), -1.0, 1.0)
+    metrics = {
+        "full": results["full"],
+        "uniform": {name.split()[1]: value for name, value in results.items()
+                    if name.startswith("uniform")},
+        **({"schedule": results["schedule"]} if schedule is not None else {}),
+        "noise": score(noise_images),
+        "num_samples": int(config.eval.num_samples),
+        "seconds_batch_size": batch,
+        "sampler": {"method": sampler.method, "num_steps": sampler.num_steps},
+        "features": {"name": extractor.name, "dim": extractor.dim, **extractor_info},
+        "reference": reference.source,
+    }
+    _write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _scale(network: Network) -> int:
+    return max(1, 32 // network.image_shape[0])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,104 @@
+"""Width schedules as genomes: seeding, crossover on runs of steps, mutations that move.
+
+A genome is one width index per sampling step (index 0 = full width). Neighbouring steps of a
+good schedule tend to share a width, so the operators act on runs: crossover swaps whole
+stretches between cut points, and block mutation repaints a stretch. All randomness comes from
+the numpy Generator passed in, so a search is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Operators:
+    num_widths: int
+    num_steps: int
+    crossover_rate: float = 0.9
+    max_cut_points: int = 3
+    gene_mutation_rate: float | None = None  # per step; default 2 / num_steps
+    block_mutation_rate: float = 0.4  # chance that a child gets one repainted stretch
+    shift_mutation_rate: float = 0.3  # chance that one run boundary moves
+
+    @property
+    def per_gene(self) -> float:
+        if self.gene_mutation_rate is not None:
+            return self.gene_mutation_rate
+        return min(1.0, 2.0 / self.num_steps)
+
+
+def uniform_schedules(num_widths: int, num_steps: int) -> np.ndarray:
+    return np.repeat(np.arange(num_widths, dtype=np.int32)[:, None], num_steps, axis=1)
+
+
+def piecewise_schedule(rng: np.random.Generator, num_widths: int, num_steps: int,
+                       max_pieces: int = 4) -> np.ndarray:
+    """A few runs of constant width, the shape searched schedules usually take."""
+    pieces = int(rng.integers(2, max_pieces + 1))
+    cuts = np.sort(rng.choice(np.arange(1, num_steps), size=min(pieces - 1, num_steps - 1),
+                              replace=False))
+    widths = rng.integers(0, num_widths, size=len(cuts) + 1)
+    return np.repeat(widths, np.diff(np.concatenate([[0], cuts, [num_steps]]))).astype(np.int32)
+
+
+def initial_population(rng: np.random.Generator, size: int, num_widths: int, num_steps: int,
+                       num_piecewise: int) -> np.ndarray:
+    """The uniform schedules (the baselines to beat), piecewise ones, then random ones."""
+    rows = list(uniform_schedules(num_widths, num_steps))
+    while len(rows) < min(size, num_widths + num_piecewise):
+        rows.append(piecewise_schedule(rng, num_widths, num_steps))
+    while len(rows) < size:
+        rows.append(rng.integers(0, num_widths, size=num_steps).astype(np.int32))
+    return unique_rows(np.stack(rows[:size]), rng, num_widths)
+
+
+def crossover(rng: np.random.Generator, ops: Operators, a: np.ndarray,
+              b: np.ndarray) -> np.ndarray:
+    """Multi-point crossover: alternate parents between 1..max_cut_points random cuts."""
+    if rng.random() >= ops.crossover_rate or ops.num_steps < 2:
+        return a.copy()
+    num_cuts = int(rng.integers(1, min(ops.max_cut_points, ops.num_steps - 1) + 1))
+    cuts = np.sort(rng.choice(np.arange(1, ops.num_steps), size=num_cuts, replace=False))
+    take_b = np.cumsum(np.isin(np.arange(ops.num_steps), cuts)) % 2 == 1
+    return np.where(take_b, b, a).astype(np.int32)
+
+
+def mutate(rng: np.random.Generator, ops: Operators, genome: np.ndarray) -> np.ndarray:
+    """Per-step changes to a neighbouring width, a repainted stretch, or a moved run boundary."""
+    child = genome.copy()
+    flips = rng.random(ops.num_steps) < ops.per_gene
+    if flips.any():
+        child[flips] = np.clip(child[flips] + rng.choice([-1, 1], size=flips.sum()), 0,
+                               ops.num_widths - 1)
+    if rng.random() < ops.block_mutation_rate:
+        length = int(rng.integers(1, max(2, ops.num_steps // 4) + 1))
+        start = int(rng.integers(0, ops.num_steps - length + 1))
+        child[start:start + length] = rng.integers(0, ops.num_widths)
+    if rng.random() < ops.shift_mutation_rate:
+        boundaries = np.flatnonzero(np.diff(child)) + 1
+        if boundaries.size:
+            edge = int(rng.choice(boundaries))
+            shift = int(rng.integers(1, max(2, ops.num_steps // 10) + 1)) * int(rng.choice([-1, 1]))
+            lo, hi = sorted((edge, int(np.clip(edge + shift, 0, ops.num_steps))))
+            child[lo:hi] = child[edge - 1] if shift > 0 else child[edge]
+    return child.astype(np.int32)
+
+
+def unique_rows(population: np.ndarray, rng: np.random.Generator, num_widths: int,
+                seen: set[bytes] | None = None) -> np.ndarray:
+    """Replaces duplicates (within the population or of `seen`) by mutated copies."""
+    seen = set() if seen is None else set(seen)
+    rows = []
+    ops = Operators(num_widths, population.shape[1])
+    for row in population:
+        candidate, attempts = row.astype(np.int32), 0
+        while candidate.tobytes() in seen and attempts < 100:
+            candidate, attempts = mutate(rng, ops, candidate), attempts + 1
+            if attempts > 10:  # tiny search spaces: fall back to a random genome
+                candidate = rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32)
+        seen.add(candidate.tobytes())
+        rows.append(candidate)
+    return np.stack(rows)

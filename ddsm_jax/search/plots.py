@@ -1,0 +1,74 @@
+"""The two pictures of a search: the chosen width per step, and FD against MACs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ddsm_jax.width_schedule import WidthSchedule  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_schedule_plot(schedule: WidthSchedule, path: str | os.PathLike) -> Path:
+    """Width per sampling step, noisiest step on the left, with the timestep it runs at."""
+    widths = schedule.width_per_step
+    steps = np.arange(schedule.num_steps)
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    ax.step(steps, widths, where="mid", color="tab:blue", linewidth=1.8)
+    ax.fill_between(steps, widths, step="mid", alpha=0.2, color="tab:blue")
+    ax.set_yticks(sorted(set(schedule.widths)))
+    ax.set_ylim(0, max(schedule.widths) * 1.08)
+    ax.set_ylabel("width")
+    ticks = np.linspace(0, schedule.num_steps - 1, min(6, schedule.num_steps)).astype(int)
+    ax.set_xticks(ticks, [f"{i}\nt={schedule.timesteps[i]}" for i in ticks])
+    ax.set_xlabel("sampling step (noisy -> clean)")
+    figures = schedule.figures
+    title = f"{schedule.sampler.upper()}, {schedule.num_steps} steps"
+    if "macs_ratio" in figures:
+        title += f": {100 * (1 - figures['macs_ratio']):.0f}% of the MACs saved"
+    if "fd" in figures and "full_fd" in figures:
+        title += f", FD {figures['fd']:.3g} (full width {figures['full_fd']:.3g})"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
+                     uniform: Sequence[dict[str, float]], chosen: int,
+                     path: str | os.PathLike) -> Path:
+    """Every scored schedule, the front, the uniform widths and the chosen schedule."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter(macs_ratio, fd, s=8, color="0.75", label="scored schedules")
+    front = list(front)
+    ax.plot(macs_ratio[front], fd[front], "-o", color="tab:blue", markersize=4,
+            label="Pareto front")
+    ax.scatter([u["macs_ratio"] for u in uniform], [u["fd"] for u in uniform], marker="s",
+               s=40, color="tab:orange", zorder=3, label="uniform widths")
+    for u in uniform:
+        ax.annotate(f"{u['width']:g}", (u["macs_ratio"], u["fd"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8, color="tab:orange")
+    ax.scatter([macs_ratio[chosen]], [fd[chosen]], marker="*", s=180, color="tab:red", zorder=4,
+               label="chosen")
+    ax.set_xlabel("MACs per step / full width")
+    ax.set_ylabel("FD (same noise for all)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))

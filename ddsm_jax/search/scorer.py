@@ -1,0 +1,73 @@
+"""Fitness of width schedules: FD of their samples, all drawn from one shared noise, plus cost."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
+from ddsm_jax.eval.features import compute_features
+from ddsm_jax.eval.metrics import feature_statistics, frechet_distance
+from ddsm_jax.models.cost import macs_table, schedule_cost
+from ddsm_jax.models.network import Network, Params
+from ddsm_jax.sampling import ScheduleSampler, initial_noise
+from ddsm_jax.search.population import PopulationSampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    fd: np.ndarray
+    macs_mean: np.ndarray
+    macs_ratio: np.ndarray
+    network_evaluations: int  # network calls made (each on the N shared-noise samples)
+    naive_evaluations: int  # the calls of evaluating every candidate from scratch
+
+
+class ScheduleScorer:
+    """Scores populations on the same `config.search.num_samples` noise for the whole search."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
+                 diffusion: Diffusion, params: Params, *, progress: bool = True):
+        self.config = config
+        self.params = params
+        self.sampler = ScheduleSampler(network, diffusion, config.sampling)
+        self.population_sampler = PopulationSampler(self.sampler)
+        self.extractor, self.extractor_info = feature_extractor(config, workdir)
+        self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
+        key = jax.random.fold_in(jax.random.key(config.seed), 5)
+        self.noise = initial_noise(jax.random.fold_in(key, 0), config.search.num_samples,
+                                   network.image_shape)
+        self.key = jax.random.fold_in(key, 1)
+        self.total_macs = [row["total"] for row in macs_table(network, params).values()]
+
+    @property
+    def num_widths(self) -> int:
+        return len(self.total_macs)
+
+    @property
+    def num_steps(self) -> int:
+        return self.sampler.num_steps
+
+    def cost(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        costs = [schedule_cost(self.total_macs, row) for row in population]
+        return (np.array([c["macs_mean"] for c in costs]),
+                np.array([c["macs_ratio"] for c in costs]))
+
+    def __call__(self, population: np.ndarray) -> Scores:
+        population = np.asarray(population, np.int32)
+        samples, plan = self.population_sampler(
+            self.params, population, self.noise, self.key,
+            share_prefixes=self.config.search.share_prefixes)
+        count, per_candidate = samples.shape[:2]
+        features = compute_features(self.extractor, samples.reshape(-1, *samples.shape[2:]),
+                                    batch_size=self.config.eval.feature_batch_size)
+        features = features.reshape(count, per_candidate, -1)
+        fd = np.array([frechet_distance(*feature_statistics(f), self.reference.mu,
+                                        self.reference.sigma) for f in features])
+        macs_mean, macs_ratio = self.cost(population)
+        return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size)

@@ -1,0 +1,232 @@
+"""`--mode=search`: evolve per-step width schedules, checkpointed after every generation.
+
+(mu + lambda) evolution: each generation breeds as many children as the population holds
+(tournaments on the objective's ranking, run crossover, mutation), scores only children never
+seen before (an archive remembers every score: with common noise a schedule's FD never changes),
+and keeps the best of parents and children. The state after each generation is one JSON file
+written atomically, so a killed search resumes where it stopped and ends as an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.models.network import Network, Params
+from ddsm_jax.search import genome, objectives
+from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
+from ddsm_jax.search.scorer import ScheduleScorer
+from ddsm_jax.width_schedule import WidthSchedule
+
+
+class SearchError(ValueError):
+    """A search state that belongs to another search (config or network changed)."""
+
+
+@dataclasses.dataclass
+class SearchState:
+    generation: int  # generations finished; 0 = the initial population is scored
+    population: list[list[int]]
+    archive: dict[str, dict[str, float]]  # schedule key -> fd, macs_mean, macs_ratio
+    rng_state: dict[str, Any]
+    history: list[dict[str, Any]]
+    fingerprint: dict[str, Any]
+
+
+def _key(schedule: np.ndarray) -> str:
+    return ",".join(str(int(i)) for i in schedule)
+
+
+def _unkey(key: str) -> np.ndarray:
+    return np.array([int(i) for i in key.split(",")], np.int32)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class EvolutionarySearch:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
+                 diffusion: Diffusion, params: Params, *, progress: bool = True):
+        self.config = config
+        self.search = config.search
+        self.out_dir = Path(workdir) / "search"
+        self.progress = progress
+        self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
+                                     progress=progress)
+        self.ops = genome.Operators(
+            self.scorer.num_widths, self.scorer.num_steps,
+            crossover_rate=self.search.crossover_rate, max_cut_points=self.search.max_cut_points,
+            gene_mutation_rate=self.search.gene_mutation_rate,
+            block_mutation_rate=self.search.block_mutation_rate,
+            shift_mutation_rate=self.search.shift_mutation_rate)
+        # Everything that changes the result, except the number of generations: a finished
+        # search can be extended by asking for more.
+        settings = {k: v for k, v in self.search.to_dict().items() if k != "generations"}
+        self.fingerprint = {"search": settings, "seed": config.seed,
+                            "sampling": config.sampling.to_dict(),
+                            "widths": list(network.widths), "data": config.data.name}
+
+    # -- ranking ---------------------------------------------------------------------------
+    def _columns(self, keys: list[str], archive: dict) -> tuple[np.ndarray, ...]:
+        return tuple(np.array([archive[k][name] for k in keys])
+                     for name in ("fd", "macs_mean", "macs_ratio"))
+
+    def _ranking(self, keys: list[str], archive: dict) -> np.ndarray:
+        return objectives.ranking(self.search.objective, *self._columns(keys, archive),
+                                  macs_lambda=self.search.macs_lambda,
+                                  macs_budget=self.search.macs_budget)
+
+    # -- one generation --------------------------------------------------------------------
+    def _score_new(self, population: np.ndarray, archive: dict) -> dict[str, Any]:
+        start = time.perf_counter()
+        new = [row for row in population if _key(row) not in archive]
+        network_calls = 0
+        if new:
+            scores = self.scorer(np.stack(new))
+            network_calls = scores.network_evaluations
+            for i, row in enumerate(new):
+                archive[_key(row)] = {"fd": float(scores.fd[i]),
+                                      "macs_mean": float(scores.macs_mean[i]),
+                                      "macs_ratio": float(scores.macs_ratio[i])}
+        return {"scored": len(new), "network_evaluations": network_calls,
+                "naive_evaluations": int(population.size),  # every candidate from scratch
+                "seconds": round(time.perf_counter() - start, 2)}
+
+    def _breed(self, rng: np.random.Generator, population: np.ndarray,
+               archive: dict) -> np.ndarray:
+        keys = [_key(row) for row in population]
+        position = np.empty(len(keys), int)
+        position[self._ranking(keys, archive)] = np.arange(len(keys))
+
+        def tournament() -> np.ndarray:
+            contenders = rng.choice(len(population), size=self.search.tournament_size,
+                                    replace=False)
+            return population[contenders[np.argmin(position[contenders])]]
+
+        children = [genome.mutate(rng, self.ops, genome.crossover(rng, self.ops, tournament(),
+                                                                   tournament()))
+                    for _ in range(len(population))]
+        return genome.unique_rows(np.stack(children), rng, self.ops.num_widths,
+                                  seen=set(archive))
+
+    def _record(self, generation: int, population: np.ndarray, archive: dict,
+                work: dict[str, Any]) -> dict[str, Any]:
+        keys = [_key(row) for row in population]
+        fd, macs_mean, macs_ratio = self._columns(keys, archive)
+        best = int(self._ranking(keys, archive)[0])
+        fitness = objectives.fitness(self.search.objective, fd, macs_mean, macs_ratio,
+                                     macs_lambda=self.search.macs_lambda,
+                                     macs_budget=self.search.macs_budget)
+        all_keys = list(archive)
+        front = objectives.pareto_ranks(*self._columns(all_keys, archive)[::2]) == 0
+        return {"generation": generation, "best_fitness": float(fitness[best]),
+                "best_fd": float(fd[best]), "best_macs_ratio": float(macs_ratio[best]),
+                "front_size": int(front.sum()), "archive_size": len(archive), **work}
+
+    # -- state -----------------------------------------------------------------------------
+    def _load_state(self) -> SearchState | None:
+        path = self.out_dir / "state.json"
+        if not path.is_file():
+            return None
+        try:
+            state = SearchState(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise SearchError(f"{path} is not a search state ({error}); delete it to start the "
+                              f"search again") from error
+        if state.fingerprint != json.loads(json.dumps(self.fingerprint)):
+            raise SearchError(f"{path} belongs to a search with other settings (config.search, "
+                              f"sampling, seed or widths changed); delete {self.out_dir} or use "
+                              f"another --workdir")
+        return state
+
+    def _save_state(self, state: SearchState) -> None:
+        _write_atomic(self.out_dir / "state.json", json.dumps(dataclasses.asdict(state)))
+        _write_atomic(self.out_dir / "history.jsonl",
+                      "".join(json.dumps(h) + "\n" for h in state.history))
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> WidthSchedule:
+        state = self._load_state()
+        if state is None:
+            rng = np.random.default_rng([self.config.seed, 5])
+            population = genome.initial_population(
+                rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
+                self.search.num_piecewise)
+            archive: dict[str, dict[str, float]] = {}
+            work = self._score_new(population, archive)
+            state = SearchState(0, population.tolist(), archive, rng.bit_generator.state,
+                                [self._record(0, population, archive, work)], self.fingerprint)
+            self._save_state(state)
+        bar = tqdm(total=self.search.generations, initial=state.generation, unit="generation",
+                   desc="search", disable=not self.progress)
+        self._show(bar, state)
+        while state.generation < self.search.generations:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state.rng_state
+            population = np.asarray(state.population, np.int32)
+            children = self._breed(rng, population, state.archive)
+            work = self._score_new(children, state.archive)
+            merged = np.concatenate([population, children])
+            keys = [_key(row) for row in merged]
+            survivors = merged[self._ranking(keys, state.archive)[:len(population)]]
+            state.generation += 1
+            state.population = survivors.tolist()
+            state.rng_state = rng.bit_generator.state
+            state.history.append(self._record(state.generation, survivors, state.archive, work))
+            self._save_state(state)
+            bar.update(1)
+            self._show(bar, state)
+        bar.close()
+        return self._finish(state)
+
+    @staticmethod
+    def _show(bar: tqdm, state: SearchState) -> None:
+        last = state.history[-1]
+        bar.set_postfix(best=f"{last['best_fitness']:.4g}", fd=f"{last['best_fd']:.4g}",
+                        macs=f"{last['best_macs_ratio']:.2f}")
+
+    def _finish(self, state: SearchState) -> WidthSchedule:
+        """schedule.json, pareto.json and the two pictures, from every schedule ever scored."""
+        keys = list(state.archive)
+        fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
+        full_key = _key(np.zeros(self.ops.num_steps, np.int32))
+        full_fd = state.archive[full_key]["fd"]
+        chosen = objectives.choose(self.search.objective, fd, macs_mean, macs_ratio,
+                                   full_fd=full_fd, fd_tolerance=self.search.fd_tolerance,
+                                   macs_lambda=self.search.macs_lambda,
+                                   macs_budget=self.search.macs_budget)
+        network_calls = sum(h["network_evaluations"] for h in state.history)
+        naive_calls = sum(h["naive_evaluations"] for h in state.history)
+        schedule = self.scorer.sampler.to_width_schedule(
+            _unkey(keys[chosen]), macs_mean=float(macs_mean[chosen]),
+            macs_ratio=float(macs_ratio[chosen]), fd=float(fd[chosen]), full_fd=full_fd,
+            objective=self.search.objective, generations=state.generation,
+            search_samples=int(self.search.num_samples), network_evaluations=network_calls,
+            naive_network_evaluations=naive_calls, features=self.scorer.extractor.name)
+        schedule.save(self.out_dir / "schedule.json")
+        front = np.flatnonzero(objectives.pareto_ranks(fd, macs_ratio) == 0)
+        front = front[np.argsort(macs_ratio[front])]
+        uniform = [{"width": w, **state.archive[_key(np.full(self.ops.num_steps, i))]}
+                   for i, w in enumerate(self.scorer.sampler.network.widths)]
+        pareto = {"front": [{"schedule": _unkey(keys[i]).tolist(), **state.archive[keys[i]]}
+                            for i in front],
+                  "uniform": uniform, "chosen": {"schedule": schedule.to_json()["schedule"],
+                                                 **state.archive[keys[chosen]]}}
+        _write_atomic(self.out_dir / "pareto.json", json.dumps(pareto, indent=1))
+        save_schedule_plot(schedule, self.out_dir / "schedule.png")
+        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.out_dir / "pareto.png")
+        return schedule

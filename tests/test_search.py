@@ -1,0 +1,98 @@
+"""The schedule search end to end on a tiny network: outputs, determinism, resume."""
+
+import json
+import jax
+import numpy as np
+import pytest
+
+from ddsm_jax.diffusion.schedules import diffusion_from_config
+from ddsm_jax.models.network import init_network
+from ddsm_jax.search.search import EvolutionarySearch, SearchError
+from ddsm_jax.width_schedule import load_schedule
+from tests.helpers import tiny_config
+
+
+def search_config(generations=2):
+    config = tiny_config()
+    config.sampling.num_steps = 6
+    config.search.population_size = 8
+    config.search.generations = generations
+    config.search.num_samples = 16
+    config.search.num_piecewise = 2
+    config.eval.num_reference = 200
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = search_config()
+    network, params = init_network(config, jax.random.key(0))
+    return network, diffusion_from_config(config.diffusion), params
+
+
+def run_search(config, workdir, model, install_classifier):
+    install_classifier(workdir)
+    network, diffusion, params = model
+    return EvolutionarySearch(config, workdir, network, diffusion, params, progress=False).run()
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_search_writes_its_results_and_is_deterministic(tmp_path, model, digits_classifier):
+    first = run_search(search_config(), tmp_path / "a", model, digits_classifier)
+    out = tmp_path / "a" / "search"
+    for name in ("schedule.json", "pareto.json", "history.jsonl", "schedule.png", "pareto.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "schedule.json").read_text())
+    for key in ("widths", "schedule", "timesteps", "sampler", "num_steps", "macs_mean",
+                "macs_ratio", "fd"):
+        assert key in saved, key
+    assert load_schedule(out / "schedule.json") == first
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["generation"] for h in history] == [0, 1, 2]
+    # Children only, each once, with shared prefixes: fewer network calls than the release's
+    # evaluate-everyone-every-generation.
+    assert all(h["network_evaluations"] <= h["naive_evaluations"] for h in history)
+    assert saved["network_evaluations"] < saved["naive_network_evaluations"]
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert [u["width"] for u in pareto["uniform"]] == [1.0, 0.75, 0.5, 0.25]
+    ratios = [p["macs_ratio"] for p in pareto["front"]]
+    fds = [p["fd"] for p in pareto["front"]]
+    assert ratios == sorted(ratios) and fds == sorted(fds, reverse=True)
+
+    second = run_search(search_config(), tmp_path / "b", model, digits_classifier)
+    assert second == first
+    history_b = [json.loads(line) for line in
+                 (tmp_path / "b" / "search" / "history.jsonl").read_text().splitlines()]
+    assert _without_seconds(history_b) == _without_seconds(history)
+
+
+def test_resumed_search_ends_like_an_uninterrupted_one(tmp_path, model, digits_classifier):
+    uninterrupted = run_search(search_config(generations=3), tmp_path / "whole", model,
+                               digits_classifier)
+    # Stopped after generation 1 (what a kill between generations leaves), then resumed.
+    run_search(search_config(generations=1), tmp_path / "parts", model, digits_classifier)
+    state_file = tmp_path / "parts" / "search" / "state.json"
+    assert json.loads(state_file.read_text())["generation"] == 1
+    (state_file.parent / ".state.json.tmp999").write_text("{half a file")  # a crash mid-write
+    resumed = run_search(search_config(generations=3), tmp_path / "parts", model,
+                         digits_classifier)
+    assert resumed == uninterrupted
+    changed = search_config(generations=3)
+    changed.search.macs_budget = 0.3
+    with pytest.raises(SearchError, match="other settings"):
+        run_search(changed, tmp_path / "parts", model, digits_classifier)
+
+
+def test_identical_schedules_score_identically(tmp_path, model, digits_classifier):
+    config = search_config()
+    digits_classifier(tmp_path)
+    network, diffusion, params = model
+    search = EvolutionarySearch(config, tmp_path, network, diffusion, params, progress=False)
+    population = np.array([[0, 0, 1, 1, 2, 2], [3, 3, 3, 0, 0, 0], [0, 0, 1, 1, 2, 2]])
+    scores = search.scorer(population)
+    # On 8 devices each candidate runs on its own device: equal even across devices.
+    assert scores.fd[0] == scores.fd[2] and scores.fd[0] != scores.fd[1]
+    assert scores.macs_ratio[1] < scores.macs_ratio[0] < 1

@@ -1,0 +1,90 @@
+"""Genetic operators and objectives of the schedule search (pure numpy, fast)."""
+
+import numpy as np
+import pytest
+
+from ddsm_jax.search import genome, objectives
+
+
+def test_initial_population_holds_the_uniform_schedules_and_no_duplicates():
+    rng = np.random.default_rng(0)
+    population = genome.initial_population(rng, 20, num_widths=4, num_steps=30, num_piecewise=6)
+    assert population.shape == (20, 30) and population.dtype == np.int32
+    np.testing.assert_array_equal(population[:4], genome.uniform_schedules(4, 30))
+    assert len({row.tobytes() for row in population}) == 20
+    piecewise = population[4:10]
+    assert all(np.count_nonzero(np.diff(row)) <= 3 for row in piecewise)
+    again = genome.initial_population(np.random.default_rng(0), 20, 4, 30, 6)
+    np.testing.assert_array_equal(population, again)
+
+
+def test_crossover_swaps_whole_runs_between_cut_points():
+    ops = genome.Operators(num_widths=4, num_steps=40, crossover_rate=1.0, max_cut_points=3)
+    a, b = np.zeros(40, np.int32), np.full(40, 3, np.int32)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        child = genome.crossover(rng, ops, a, b)
+        assert set(np.unique(child)) <= {0, 3}
+        switches = np.count_nonzero(np.diff(child))
+        assert 1 <= switches <= 3 and child[0] == 0  # starts from parent a
+    no_cross = genome.Operators(4, 40, crossover_rate=0.0)
+    np.testing.assert_array_equal(genome.crossover(rng, no_cross, a, b), a)
+
+
+def test_mutation_really_moves_the_search():
+    ops = genome.Operators(num_widths=4, num_steps=50)
+    rng = np.random.default_rng(2)
+    parent = np.repeat(np.array([2, 0], np.int32), 25)
+    children = [genome.mutate(rng, ops, parent) for _ in range(200)]
+    changed = [c for c in children if not np.array_equal(c, parent)]
+    assert len(changed) > 120  # most children differ from their parent (the release: ~none)
+    assert all(c.min() >= 0 and c.max() <= 3 for c in children)
+    # Every width value gets reached from a two-width parent (block mutation repaints).
+    assert set(np.unique(np.concatenate(children))) == {0, 1, 2, 3}
+    # Moved boundaries: some children keep two runs but with the edge elsewhere.
+    edges = {int(np.flatnonzero(np.diff(c))[0]) for c in changed
+             if np.count_nonzero(np.diff(c)) == 1 and set(np.unique(c)) == {0, 2}}
+    assert len(edges) > 3
+
+
+def test_unique_rows_replaces_duplicates_and_seen_schedules():
+    rng = np.random.default_rng(3)
+    rows = np.zeros((5, 10), np.int32)
+    seen = {np.ones(10, np.int32).tobytes()}
+    unique = genome.unique_rows(np.concatenate([rows, np.ones((1, 10), np.int32)]), rng, 3, seen)
+    keys = [row.tobytes() for row in unique]
+    assert len(set(keys)) == 6 and np.ones(10, np.int32).tobytes() not in keys
+
+
+def test_pareto_ranks_and_crowding():
+    fd = np.array([1.0, 2.0, 3.0, 2.5, 1.5, 3.0])
+    cost = np.array([3.0, 2.0, 1.0, 2.5, 3.5, 3.0])
+    # 0, 1, 2 are the front; 3 is dominated by 1; 4 by 0; 5 by 0, 1 and 3 (rank 2).
+    np.testing.assert_array_equal(objectives.pareto_ranks(fd, cost), [0, 0, 0, 1, 1, 2])
+    crowd = objectives.crowding_distance(fd[:3], cost[:3])
+    assert np.isinf(crowd[0]) and np.isinf(crowd[2]) and np.isfinite(crowd[1])
+
+
+@pytest.mark.parametrize("objective", objectives.OBJECTIVES)
+def test_rankings_agree_with_their_definitions(objective):
+    fd = np.array([5.0, 4.0, 6.0, 3.0])
+    macs_mean = np.array([100.0, 80.0, 20.0, 90.0]) * 1e6
+    ratio = macs_mean / 100e6
+    order = objectives.ranking(objective, fd, macs_mean, ratio, macs_lambda=0.05,
+                               macs_budget=0.85)
+    if objective == "weighted":  # fd + 0.05 * MMACs: 10, 8, 7, 7.5
+        np.testing.assert_array_equal(order, [2, 3, 1, 0])
+    elif objective == "budget":  # feasible (<= 0.85): 1 (fd 4), 2 (fd 6); then 3 (0.05 over), 0
+        np.testing.assert_array_equal(order, [1, 2, 3, 0])
+    else:  # front: 3, 1, 2 (0 is dominated by 3)
+        assert set(order[:3]) == {1, 2, 3} and order[3] == 0
+
+
+def test_choose_for_pareto_takes_the_cheapest_schedule_within_tolerance():
+    fd = np.array([10.0, 10.4, 10.6, 20.0])
+    ratio = np.array([1.0, 0.5, 0.3, 0.1])
+    chosen = objectives.choose("pareto", fd, ratio * 100, ratio, full_fd=10.0, fd_tolerance=0.05)
+    assert chosen == 1
+    assert objectives.choose("pareto", fd, ratio, ratio, full_fd=1.0, fd_tolerance=0.05) == 0
+    with pytest.raises(ValueError, match="unknown search objective"):
+        objectives.ranking("fastest", fd, ratio, ratio)
