@@ -52,6 +52,7 @@ def test_search_writes_its_results_and_is_deterministic(tmp_path, model, digits_
     assert load_schedule(out / "schedule.json") == first
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["generation"] for h in history] == [0, 1, 2]
+    assert all(h["scored"] == 8 for h in history)  # children are never schedules seen before
     # Children only, each once, with shared prefixes: fewer network calls than the release's
     # evaluate-everyone-every-generation.
     assert all(h["network_evaluations"] <= h["naive_evaluations"] for h in history)

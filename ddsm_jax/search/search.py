@@ -65,6 +65,13 @@ class EvolutionarySearch:
         self.search = config.search
         self.out_dir = Path(workdir) / "search"
         self.progress = progress
+        if self.search.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"config.search.objective={self.search.objective!r}: choose one of "
+                             f"{objectives.OBJECTIVES}")
+        if self.search.population_size < len(network.widths) + 2:
+            raise ValueError(f"config.search.population_size={self.search.population_size} must "
+                             f"hold the {len(network.widths)} uniform schedules and at least two "
+                             f"more")
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
         self.ops = genome.Operators(
@@ -120,8 +127,8 @@ class EvolutionarySearch:
         children = [genome.mutate(rng, self.ops, genome.crossover(rng, self.ops, tournament(),
                                                                    tournament()))
                     for _ in range(len(population))]
-        return genome.unique_rows(np.stack(children), rng, self.ops.num_widths,
-                                  seen=set(archive))
+        seen = {_unkey(key).tobytes() for key in archive}  # never score a schedule twice
+        return genome.unique_rows(np.stack(children), rng, self.ops.num_widths, seen=seen)
 
     def _record(self, generation: int, population: np.ndarray, archive: dict,
                 work: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +167,10 @@ class EvolutionarySearch:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> WidthSchedule:
+        """Generation 0 scores the seeds; each further generation scores its children."""
         state = self._load_state()
+        bar = tqdm(total=self.search.generations + 1, unit="generation", desc="search",
+                   disable=not self.progress)
         if state is None:
             rng = np.random.default_rng([self.config.seed, 5])
             population = genome.initial_population(
@@ -171,8 +181,7 @@ class EvolutionarySearch:
             state = SearchState(0, population.tolist(), archive, rng.bit_generator.state,
                                 [self._record(0, population, archive, work)], self.fingerprint)
             self._save_state(state)
-        bar = tqdm(total=self.search.generations, initial=state.generation, unit="generation",
-                   desc="search", disable=not self.progress)
+        bar.update(state.generation + 1)
         self._show(bar, state)
         while state.generation < self.search.generations:
             rng = np.random.default_rng()
