@@ -53,10 +53,11 @@ def test_search_writes_its_results_and_is_deterministic(tmp_path, model, digits_
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["generation"] for h in history] == [0, 1, 2]
     assert all(h["scored"] == 8 for h in history)  # children are never schedules seen before
-    # Children only, each once, with shared prefixes: fewer network calls than the release's
-    # evaluate-everyone-every-generation.
+    # Children only, each once, shared prefixes computed once: never more network calls than
+    # evaluating every candidate from scratch. (Here 8 candidates sit on 8 devices, one each, so
+    # nothing is shared; tests/test_population.py shows the saving within a device.)
     assert all(h["network_evaluations"] <= h["naive_evaluations"] for h in history)
-    assert saved["network_evaluations"] < saved["naive_network_evaluations"]
+    assert saved["network_evaluations"] <= saved["naive_network_evaluations"]
     pareto = json.loads((out / "pareto.json").read_text())
     assert [u["width"] for u in pareto["uniform"]] == [1.0, 0.75, 0.5, 0.25]
     ratios = [p["macs_ratio"] for p in pareto["front"]]
