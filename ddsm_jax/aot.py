@@ -39,6 +39,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddsm_jax.utils.files import write_text_atomically
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as <generation>:<chip grid>, e.g. "
@@ -150,10 +152,7 @@ class ReportCache:
     def put(self, key: str, entry: dict[str, Any]) -> None:
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f"{key}.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(entry))
-        tmp.replace(self.directory / f"{key}.json")
+        write_text_atomically(self.directory / f"{key}.json", json.dumps(entry))
 
 
 def _libtpu_version() -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ddsm_jax.utils.files import write_text_atomically
 
 
 class ScheduleError(ValueError):
@@ -67,12 +68,7 @@ class WidthSchedule:
                 "num_steps": self.num_steps, **self.figures}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_text_atomically(path, json.dumps(self.to_json(), indent=1))
 
 
 def schedule_from_json(data: dict[str, Any], *, widths: Sequence[float] | None = None,

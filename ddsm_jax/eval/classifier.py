@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 import zipfile
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from ddsm_jax.data.pipeline import DATASETS, EmbeddedData, ImageDataset, load_dataset
 from ddsm_jax.eval.features import FeatureExtractor
+from ddsm_jax.utils.files import write_atomically
 
 Params = dict[str, Any]
 
@@ -326,18 +326,6 @@ def _unflatten_like(flat: dict[str, np.ndarray], template: Params, prefix: str =
     return params
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Writes through a temporary file and `os.replace`, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _load_cache(weights_path: Path, info_path: Path, template: Params) -> tuple[Params, dict]:
     with np.load(weights_path, allow_pickle=False) as data:
         flat = {name: data[name] for name in data.files}
@@ -402,8 +390,8 @@ def domain_extractor(config: ml_collections.ConfigDict, workdir: str | Path, *, 
             "settings": dataclasses.asdict(settings),
         }
         flat = _flatten(params)
-        _write_atomically(weights_path, lambda f: np.savez(f, **flat))
-        _write_atomically(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+        write_atomically(weights_path, lambda f: np.savez(f, **flat))
+        write_atomically(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
 
     extractor = FeatureExtractor(name=f"classifier_{name}", dim=settings.feature_dim,
                                  params=params, apply_fn=classifier.features)

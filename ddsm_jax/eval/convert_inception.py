@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from ddsm_jax.utils.files import write_atomically
 from ddsm_jax.eval.inception import (
     TORCH_WEIGHTS_NAME,
     check_flat_params,
@@ -102,18 +102,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_params(flat: Mapping[str, np.ndarray], out: str | os.PathLike) -> Path:
     """Writes `flat` as an uncompressed `.npz`, atomically: a crash never leaves half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **flat)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomically(out, lambda handle: np.savez(handle, **flat))
 
 
 def convert(pth: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:

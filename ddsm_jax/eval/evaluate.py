@@ -8,7 +8,6 @@ differences between entries are differences of width, not of luck. Writes
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ from tqdm import tqdm
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
-from ddsm_jax.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+from ddsm_jax.eval.metrics import kernel_inception_distance
 from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network, Params
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.utils.files import write_text_atomically
 from ddsm_jax.utils.images import make_grid, save_grid
 from ddsm_jax.utils.plots import save_side_by_side
 from ddsm_jax.width_schedule import WidthSchedule
@@ -49,8 +49,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Ne
 
     def score(images: np.ndarray) -> dict[str, float]:
         features = compute_features(extractor, images, batch_size=config.eval.feature_batch_size)
-        mu, sigma = feature_statistics(features)
-        result = {"fd": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+        result = {"fd": reference.frechet_distance(features)}
         if reference.features is not None:
             kid, kid_std = kernel_inception_distance(
                 features, reference.features, num_subsets=config.eval.kid_subsets,
@@ -89,16 +88,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Ne
         "features": {"name": extractor.name, "dim": extractor.dim, **extractor_info},
         "reference": reference.source,
     }
-    _write_json(out_dir / "metrics.json", metrics)
+    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
 def _scale(network: Network) -> int:
     return max(1, 32 // network.image_shape[0])
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy as np
 
 from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.eval.features import FeatureExtractor, compute_features
-from ddsm_jax.eval.metrics import feature_statistics, load_statistics
+from ddsm_jax.eval.metrics import feature_statistics, frechet_distance, load_statistics
+from ddsm_jax.utils.files import write_atomically
 
 DOMAIN_DATASETS = ("digits", "mnist")
 
@@ -58,6 +58,10 @@ class Reference:
     features: np.ndarray | None
     source: str
 
+    def frechet_distance(self, features: np.ndarray) -> float:
+        """FD between the Gaussian fitted to `features` (N, dim) and the real data's."""
+        return frechet_distance(*feature_statistics(features), self.mu, self.sigma)
+
 
 def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureExtractor,
                          workdir: str | Path, *, progress: bool = True) -> Reference:
@@ -81,10 +85,8 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
                                 batch_size=config.eval.feature_batch_size,
                                 limit=int(config.eval.num_reference), progress=progress)
     mu, sigma = feature_statistics(features)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, features=features.astype(np.float32))
-    tmp.replace(cache)
+    write_atomically(cache, lambda handle: np.savez(handle, mu=mu, sigma=sigma,
+                                                    features=features.astype(np.float32)))
     return Reference(mu, sigma, features, str(cache))
 
 

@@ -12,6 +12,8 @@ import chex
 import numpy as np
 import scipy.linalg
 
+from ddsm_jax.utils.files import write_atomically
+
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (unbiased, as pytorch-fid's `np.cov(rowvar=False)`)."""
@@ -94,11 +96,7 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, *,
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes `mu`, `sigma` as pytorch-fid does, so published statistics are interchangeable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    tmp.replace(path)
+    write_atomically(path, lambda handle: np.savez(handle, mu=mu, sigma=sigma))
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

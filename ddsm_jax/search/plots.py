@@ -13,15 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddsm_jax.utils.files import write_atomically  # noqa: E402
 from ddsm_jax.width_schedule import WidthSchedule  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

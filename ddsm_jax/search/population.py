@@ -142,6 +142,3 @@ class PopulationSampler:
 def _eps(network, params: Params, x: jax.Array, t: jax.Array, *, width: float) -> jax.Array:
     return network.apply(params, x, t, width=width)
 
-
-def uniform_population(num_widths: int, num_steps: int) -> np.ndarray:
-    return np.repeat(np.arange(num_widths, dtype=np.int32)[:, None], num_steps, axis=1)

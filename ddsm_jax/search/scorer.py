@@ -12,7 +12,6 @@ import numpy as np
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
-from ddsm_jax.eval.metrics import feature_statistics, frechet_distance
 from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network, Params
 from ddsm_jax.sampling import ScheduleSampler, initial_noise
@@ -67,7 +66,6 @@ class ScheduleScorer:
         features = compute_features(self.extractor, samples.reshape(-1, *samples.shape[2:]),
                                     batch_size=self.config.eval.feature_batch_size)
         features = features.reshape(count, per_candidate, -1)
-        fd = np.array([frechet_distance(*feature_statistics(f), self.reference.mu,
-                                        self.reference.sigma) for f in features])
+        fd = np.array([self.reference.frechet_distance(f) for f in features])
         macs_mean, macs_ratio = self.cost(population)
         return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size)

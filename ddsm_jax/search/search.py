@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ddsm_jax.models.network import Network, Params
 from ddsm_jax.search import genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
 from ddsm_jax.search.scorer import ScheduleScorer
+from ddsm_jax.utils.files import write_text_atomically
 from ddsm_jax.width_schedule import WidthSchedule
 
 
@@ -49,13 +49,6 @@ def _key(schedule: np.ndarray) -> str:
 
 def _unkey(key: str) -> np.ndarray:
     return np.array([int(i) for i in key.split(",")], np.int32)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class EvolutionarySearch:
@@ -161,8 +154,8 @@ class EvolutionarySearch:
         return state
 
     def _save_state(self, state: SearchState) -> None:
-        _write_atomic(self.out_dir / "state.json", json.dumps(dataclasses.asdict(state)))
-        _write_atomic(self.out_dir / "history.jsonl",
+        write_text_atomically(self.out_dir / "state.json", json.dumps(dataclasses.asdict(state)))
+        write_text_atomically(self.out_dir / "history.jsonl",
                       "".join(json.dumps(h) + "\n" for h in state.history))
 
     # -- the loop --------------------------------------------------------------------------
@@ -235,7 +228,7 @@ class EvolutionarySearch:
                             for i in front],
                   "uniform": uniform, "chosen": {"schedule": schedule.to_json()["schedule"],
                                                  **state.archive[keys[chosen]]}}
-        _write_atomic(self.out_dir / "pareto.json", json.dumps(pareto, indent=1))
+        write_text_atomically(self.out_dir / "pareto.json", json.dumps(pareto, indent=1))
         save_schedule_plot(schedule, self.out_dir / "schedule.png")
         save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.out_dir / "pareto.png")
         return schedule

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ddsm_jax.utils.files import write_atomically
 
 _MIN_SIDE = 32  # save_grid upsamples until each image is at least this many pixels on a side
 
@@ -70,14 +71,4 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = No
         scale = max(1, math.ceil(_MIN_SIDE / min(images.shape[1:3])))
     grid = make_grid(images, nrow=nrow, scale=scale)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            picture.save(handle, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda handle: picture.save(handle, format="PNG"))

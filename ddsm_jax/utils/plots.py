@@ -12,11 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddsm_jax.utils.files import write_atomically  # noqa: E402
+
 
 def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike) -> Path:
     """One row of uint8 HWC grids with a title each, written atomically as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, grid, title in zip(axes[0], grids, titles):
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
@@ -24,8 +24,6 @@ def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: 
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
