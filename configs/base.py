@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.search.block_mutation_rate = 0.4
     config.search.shift_mutation_rate = 0.3
     config.search.share_prefixes = True  # compute shared schedule prefixes once
+    # The best of many noisy scores is optimistic: the shortlist is scored again, with full width,
+    # on fresh noise and more samples, and the choice is made on those scores (0 = don't).
+    config.search.validation_samples = 10000
+    config.search.validation_candidates = 8
 
     config.export = ml_collections.ConfigDict()
     config.export.num_samples = 50_000  # samples.npz, the input of guided-diffusion's evaluator

@@ -19,6 +19,8 @@ def search_config(generations=2):
     config.search.generations = generations
     config.search.num_samples = 16
     config.search.num_piecewise = 2
+    config.search.validation_samples = 24
+    config.search.validation_candidates = 3
     config.eval.num_reference = 200
     return config
 
@@ -86,6 +88,40 @@ def test_resumed_search_ends_like_an_uninterrupted_one(tmp_path, model, digits_c
     changed.search.macs_budget = 0.3
     with pytest.raises(SearchError, match="other settings"):
         run_search(changed, tmp_path / "parts", model, digits_classifier)
+
+
+def test_validation_rescores_the_shortlist_on_fresh_noise(tmp_path, model, digits_classifier):
+    config = search_config()
+    config.search.objective = "budget"
+    config.search.macs_budget = 0.4
+    chosen = run_search(config, tmp_path, model, digits_classifier)
+    out = tmp_path / "search"
+    state = json.loads((out / "state.json").read_text())
+    width_cost = np.array([u["macs_ratio"] for u in
+                           json.loads((out / "pareto.json").read_text())["uniform"]])
+    # Budget repair: every schedule bred or seeded (all but the uniform baselines) fits.
+    non_uniform = [k for k in state["archive"] if len(set(k.split(","))) > 1]
+    assert non_uniform and all(state["archive"][k]["macs_ratio"] <= 0.4 + 1e-9
+                               for k in non_uniform)
+    validation = state["validation"]
+    assert len(validation["shortlist"]) == 3
+    assert set(validation["scores"]) == {"0,0,0,0,0,0", *validation["shortlist"]}
+    saved = json.loads((out / "schedule.json").read_text())
+    assert saved["validation_samples"] == 24
+    key = ",".join(str(i) for i in saved["schedule"])
+    assert key in validation["shortlist"]
+    assert saved["fd"] == validation["scores"][key]["fd"]  # chosen on the fresh scores
+    assert saved["search_fd"] == state["archive"][key]["fd"] != saved["fd"]
+    assert saved["macs_ratio"] <= 0.4 and width_cost[0] == 1.0
+    best = min(validation["shortlist"], key=lambda k: validation["scores"][k]["fd"])
+    assert key == best
+    # Other validation settings don't refuse the finished search; they redo the validation only.
+    config.search.validation_samples = 16
+    again = run_search(config, tmp_path, model, digits_classifier)
+    state = json.loads((out / "state.json").read_text())
+    assert state["validation"]["settings"]["validation_samples"] == 16
+    assert state["history"] == json.loads(json.dumps(state["history"]))
+    assert again.figures["validation_samples"] == 16 and chosen.figures["generations"] == 2
 
 
 def test_identical_schedules_score_identically(tmp_path, model, digits_classifier):

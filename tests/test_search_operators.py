@@ -12,10 +12,32 @@ def test_initial_population_holds_the_uniform_schedules_and_no_duplicates():
     assert population.shape == (20, 30) and population.dtype == np.int32
     np.testing.assert_array_equal(population[:4], genome.uniform_schedules(4, 30))
     assert len({row.tobytes() for row in population}) == 20
-    piecewise = population[4:10]
-    assert all(np.count_nonzero(np.diff(row)) <= 3 for row in piecewise)
+    staircases = population[4:10]
+    assert all(np.count_nonzero(np.diff(row)) <= 3 for row in staircases)
+    narrowing = [np.all(np.diff(row) >= 0) for row in staircases]
+    widening = [np.all(np.diff(row) <= 0) for row in staircases]
+    assert all(n or w for n, w in zip(narrowing, widening, strict=True))
+    assert any(n and not w for n, w in zip(narrowing, widening, strict=True))
+    assert any(w and not n for n, w in zip(narrowing, widening, strict=True))
     again = genome.initial_population(np.random.default_rng(0), 20, 4, 30, 6)
     np.testing.assert_array_equal(population, again)
+
+
+def test_fit_budget_narrows_until_the_schedule_is_affordable():
+    width_cost = np.array([1.0, 0.57, 0.26, 0.07])
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        row = rng.integers(0, 4, size=30).astype(np.int32)
+        fitted = genome.fit_budget(rng, row, width_cost, budget=0.3)
+        assert width_cost[fitted].mean() <= 0.3
+        assert np.all(fitted >= row)  # only ever narrower
+        # already affordable: untouched
+        np.testing.assert_array_equal(genome.fit_budget(rng, fitted, width_cost, 0.3), fitted)
+    repair = lambda row: genome.fit_budget(rng, row, width_cost, 0.5)  # noqa: E731
+    population = genome.initial_population(rng, 16, 4, 30, 6, repair=repair)
+    np.testing.assert_array_equal(population[:4], genome.uniform_schedules(4, 30))
+    assert all(width_cost[row].mean() <= 0.5 for row in population[4:])
+    assert len({row.tobytes() for row in population}) == 16
 
 
 def test_crossover_swaps_whole_runs_between_cut_points():
@@ -88,3 +110,17 @@ def test_choose_for_pareto_takes_the_cheapest_schedule_within_tolerance():
     assert objectives.choose("pareto", fd, ratio, ratio, full_fd=1.0, fd_tolerance=0.05) == 0
     with pytest.raises(ValueError, match="unknown search objective"):
         objectives.ranking("fastest", fd, ratio, ratio)
+
+
+def test_shortlist_takes_the_best_or_the_front_around_the_choice():
+    fd = np.array([10.0, 10.4, 10.6, 20.0, 12.0, 11.0, 10.5])
+    ratio = np.array([1.0, 0.5, 0.3, 0.1, 0.6, 0.45, 0.35])
+    budget = objectives.shortlist("budget", fd, ratio, ratio, 3, full_fd=10.0, fd_tolerance=0.05,
+                                  macs_budget=0.5)
+    np.testing.assert_array_equal(budget, [1, 6, 2])  # feasible, best FD first
+    # Front by cost: 3 (0.1), 2 (0.3), 6 (0.35), 1 (0.5), 0 (1.0); 4 and 5 are dominated by 6.
+    # The choice is 6, the cheapest within 5% of full width's 10.0; its neighbours come along.
+    front = objectives.shortlist("pareto", fd, ratio, ratio, 3, full_fd=10.0, fd_tolerance=0.05)
+    np.testing.assert_array_equal(front, [2, 6, 1])
+    assert len(objectives.shortlist("pareto", fd, ratio, ratio, 10, full_fd=10.0,
+                                    fd_tolerance=0.05)) == 5

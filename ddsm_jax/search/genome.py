@@ -9,8 +9,11 @@ the numpy Generator passed in, so a search is a function of its seed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
+
+Repair = Callable[[np.ndarray], np.ndarray]  # makes a genome admissible (e.g. within budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,24 +38,51 @@ def uniform_schedules(num_widths: int, num_steps: int) -> np.ndarray:
 
 
 def piecewise_schedule(rng: np.random.Generator, num_widths: int, num_steps: int,
-                       max_pieces: int = 4) -> np.ndarray:
-    """A few runs of constant width, the shape searched schedules usually take."""
+                       max_pieces: int = 4, *, narrowing: bool | None = None) -> np.ndarray:
+    """A staircase of a few runs of constant width, the shape searched schedules usually take.
+    `narrowing=True` goes from wide to narrow along the sampling order, False the other way,
+    None picks at random: which end of the trajectory tolerates narrow networks is data's call.
+    """
     pieces = int(rng.integers(2, max_pieces + 1))
     cuts = np.sort(rng.choice(np.arange(1, num_steps), size=min(pieces - 1, num_steps - 1),
                               replace=False))
-    widths = rng.integers(0, num_widths, size=len(cuts) + 1)
+    widths = np.sort(rng.integers(0, num_widths, size=len(cuts) + 1))
+    if narrowing is False or (narrowing is None and rng.random() < 0.5):
+        widths = widths[::-1]
     return np.repeat(widths, np.diff(np.concatenate([[0], cuts, [num_steps]]))).astype(np.int32)
 
 
+def fit_budget(rng: np.random.Generator, genome: np.ndarray, width_cost: np.ndarray,
+               budget: float) -> np.ndarray:
+    """Narrows random steps one width at a time until the mean cost is within `budget`: children
+    of parents near the budget straddle it, and an infeasible child is a wasted evaluation."""
+    child = genome.astype(np.int32).copy()
+    narrowest = len(width_cost) - 1
+    while width_cost[child].mean() > budget:
+        wider = np.flatnonzero(child < narrowest)
+        if wider.size == 0:
+            break
+        child[rng.choice(wider)] += 1
+    return child
+
+
 def initial_population(rng: np.random.Generator, size: int, num_widths: int, num_steps: int,
-                       num_piecewise: int) -> np.ndarray:
-    """The uniform schedules (the baselines to beat), piecewise ones, then random ones."""
-    rows = list(uniform_schedules(num_widths, num_steps))
-    while len(rows) < min(size, num_widths + num_piecewise):
-        rows.append(piecewise_schedule(rng, num_widths, num_steps))
-    while len(rows) < size:
-        rows.append(rng.integers(0, num_widths, size=num_steps).astype(np.int32))
-    return unique_rows(np.stack(rows[:size]), rng, num_widths)
+                       num_piecewise: int, repair: Repair | None = None) -> np.ndarray:
+    """The uniform schedules (the baselines to beat, never repaired), staircases narrowing and
+    widening in turn, then random schedules."""
+    repair = repair or (lambda row: row)
+    rows = []
+    while len(rows) < min(size - num_widths, num_piecewise):
+        rows.append(repair(piecewise_schedule(rng, num_widths, num_steps,
+                                              narrowing=len(rows) % 2 == 0)))
+    while len(rows) < size - num_widths:
+        rows.append(repair(rng.integers(0, num_widths, size=num_steps).astype(np.int32)))
+    uniform = uniform_schedules(num_widths, num_steps)[:size]
+    if not rows:
+        return uniform
+    seen = {row.tobytes() for row in uniform}
+    return np.concatenate([uniform, unique_rows(np.stack(rows), rng, num_widths, seen=seen,
+                                                repair=repair)])
 
 
 def crossover(rng: np.random.Generator, ops: Operators, a: np.ndarray,
@@ -88,17 +118,19 @@ def mutate(rng: np.random.Generator, ops: Operators, genome: np.ndarray) -> np.n
 
 
 def unique_rows(population: np.ndarray, rng: np.random.Generator, num_widths: int,
-                seen: set[bytes] | None = None) -> np.ndarray:
-    """Replaces duplicates (within the population or of `seen`) by mutated copies."""
+                seen: set[bytes] | None = None, repair: Repair | None = None) -> np.ndarray:
+    """Replaces duplicates (within the population or of `seen`) by mutated (and repaired)
+    copies."""
     seen = set() if seen is None else set(seen)
+    repair = repair or (lambda row: row)
     rows = []
     ops = Operators(num_widths, population.shape[1])
     for row in population:
         candidate, attempts = row.astype(np.int32), 0
         while candidate.tobytes() in seen and attempts < 100:
-            candidate, attempts = mutate(rng, ops, candidate), attempts + 1
+            candidate, attempts = repair(mutate(rng, ops, candidate)), attempts + 1
             if attempts > 10:  # tiny search spaces: fall back to a random genome
-                candidate = rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32)
+                candidate = repair(rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32))
         seen.add(candidate.tobytes())
         rows.append(candidate)
     return np.stack(rows)

@@ -90,3 +90,20 @@ def choose(objective: str, fd: np.ndarray, macs_mean: np.ndarray, macs_ratio: np
     if good.size == 0:
         return int(np.lexsort((macs_ratio, fd))[0])
     return int(good[np.lexsort((fd[good], macs_ratio[good]))[0]])
+
+
+def shortlist(objective: str, fd: np.ndarray, macs_mean: np.ndarray, macs_ratio: np.ndarray,
+              size: int, *, full_fd: float, fd_tolerance: float, macs_lambda: float = 0.0,
+              macs_budget: float = 1.0) -> np.ndarray:
+    """The `size` candidates worth a second, more careful score: the best by the ranking, or for
+    the Pareto objective the front members around the one `choose` takes, by cost."""
+    if objective != "pareto":
+        return ranking(objective, fd, macs_mean, macs_ratio, macs_lambda=macs_lambda,
+                       macs_budget=macs_budget)[:size]
+    front = np.flatnonzero(pareto_ranks(fd, macs_ratio) == 0)
+    front = front[np.lexsort((front, np.asarray(macs_ratio)[front]))]
+    pick = choose(objective, fd, macs_mean, macs_ratio, full_fd=full_fd,
+                  fd_tolerance=fd_tolerance)
+    at = int(np.flatnonzero(front == pick)[0]) if pick in front else 0
+    start = int(np.clip(at - size // 2, 0, max(len(front) - size, 0)))
+    return front[start:start + size]

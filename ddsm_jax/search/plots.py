@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddsm_jax.utils.files import write_atomically  # noqa: E402
@@ -49,7 +50,7 @@ def save_schedule_plot(schedule: WidthSchedule, path: str | os.PathLike) -> Path
 
 def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
                      uniform: Sequence[dict[str, float]], chosen: int,
-                     path: str | os.PathLike) -> Path:
+                     path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Every scored schedule, the front, the uniform widths and the chosen schedule."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(macs_ratio, fd, s=8, color="0.75", label="scored schedules")
@@ -66,6 +67,10 @@ def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int
     ax.set_xlabel("MACs per step / full width")
     ax.set_ylabel("FD (same noise for all)")
     ax.set_yscale("log")
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -27,20 +27,25 @@ class Scores:
     naive_evaluations: int  # the calls of evaluating every candidate from scratch
 
 
+SEARCH_NOISE, VALIDATION_NOISE = 5, 6  # streams of the seed; evaluate draws from stream 3
+
+
 class ScheduleScorer:
-    """Scores populations on the same `config.search.num_samples` noise for the whole search."""
+    """Scores populations on one fixed noise (`num_samples` images, default
+    `config.search.num_samples`) for the whole search."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
-                 diffusion: Diffusion, params: Params, *, progress: bool = True):
+                 diffusion: Diffusion, params: Params, *, num_samples: int | None = None,
+                 noise_stream: int = SEARCH_NOISE, progress: bool = True):
         self.config = config
         self.params = params
         self.sampler = ScheduleSampler(network, diffusion, config.sampling)
         self.population_sampler = PopulationSampler(self.sampler)
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
-        key = jax.random.fold_in(jax.random.key(config.seed), 5)
-        self.noise = initial_noise(jax.random.fold_in(key, 0), config.search.num_samples,
-                                   network.image_shape)
+        key = jax.random.fold_in(jax.random.key(config.seed), noise_stream)
+        self.noise = initial_noise(jax.random.fold_in(key, 0),
+                                   num_samples or config.search.num_samples, network.image_shape)
         self.key = jax.random.fold_in(key, 1)
         self.total_macs = [row["total"] for row in macs_table(network, params).values()]
 
@@ -51,6 +56,11 @@ class ScheduleScorer:
     @property
     def num_steps(self) -> int:
         return self.sampler.num_steps
+
+    @property
+    def width_cost(self) -> np.ndarray:
+        """Each width's MACs as a fraction of full width's."""
+        return np.asarray(self.total_macs, np.float64) / self.total_macs[0]
 
     def cost(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         costs = [schedule_cost(self.total_macs, row) for row in population]

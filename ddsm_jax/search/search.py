@@ -24,7 +24,7 @@ from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network, Params
 from ddsm_jax.search import genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
-from ddsm_jax.search.scorer import ScheduleScorer
+from ddsm_jax.search.scorer import VALIDATION_NOISE, ScheduleScorer
 from ddsm_jax.utils.files import write_text_atomically
 from ddsm_jax.width_schedule import WidthSchedule
 
@@ -41,6 +41,12 @@ class SearchState:
     rng_state: dict[str, Any]
     history: list[dict[str, Any]]
     fingerprint: dict[str, Any]
+    # {"settings", "shortlist": [schedule keys], "scores": {key -> fd, macs_mean, macs_ratio}},
+    # the scores on the validation noise of the shortlist and of full width
+    validation: dict[str, Any] | None = None
+
+
+VALIDATION_SETTINGS = ("validation_samples", "validation_candidates")
 
 
 def _key(schedule: np.ndarray) -> str:
@@ -65,6 +71,10 @@ class EvolutionarySearch:
             raise ValueError(f"config.search.population_size={self.search.population_size} must "
                              f"hold the {len(network.widths)} uniform schedules and at least two "
                              f"more")
+        if self.search.validation_samples and self.search.validation_candidates < 1:
+            raise ValueError("config.search.validation_candidates must be at least 1 (or set "
+                             "config.search.validation_samples=0 to choose on the search noise)")
+        self.workdir = workdir
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
         self.ops = genome.Operators(
@@ -73,9 +83,10 @@ class EvolutionarySearch:
             gene_mutation_rate=self.search.gene_mutation_rate,
             block_mutation_rate=self.search.block_mutation_rate,
             shift_mutation_rate=self.search.shift_mutation_rate)
-        # Everything that changes the result, except the number of generations: a finished
-        # search can be extended by asking for more.
-        settings = {k: v for k, v in self.search.to_dict().items() if k != "generations"}
+        # Everything that changes the evolution, except the number of generations: a finished
+        # search can be extended by asking for more (validation is redone when it changes).
+        settings = {k: v for k, v in self.search.to_dict().items()
+                    if k not in ("generations", *VALIDATION_SETTINGS)}
         self.fingerprint = {"search": settings, "seed": config.seed,
                             "sampling": config.sampling.to_dict(),
                             "widths": list(network.widths), "data": config.data.name}
@@ -121,7 +132,17 @@ class EvolutionarySearch:
                                                                    tournament()))
                     for _ in range(len(population))]
         seen = {_unkey(key).tobytes() for key in archive}  # never score a schedule twice
-        return genome.unique_rows(np.stack(children), rng, self.ops.num_widths, seen=seen)
+        repair = self._repair(rng)
+        children = [repair(child) for child in children]
+        return genome.unique_rows(np.stack(children), rng, self.ops.num_widths, seen=seen,
+                                  repair=repair)
+
+    def _repair(self, rng: np.random.Generator) -> genome.Repair | None:
+        """Under a hard budget, over-budget children are narrowed into it (constraint repair)."""
+        if self.search.objective != "budget":
+            return None
+        width_cost, budget = self.scorer.width_cost, self.search.macs_budget
+        return lambda row: genome.fit_budget(rng, row, width_cost, budget)
 
     def _record(self, generation: int, population: np.ndarray, archive: dict,
                 work: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +189,7 @@ class EvolutionarySearch:
             rng = np.random.default_rng([self.config.seed, 5])
             population = genome.initial_population(
                 rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
-                self.search.num_piecewise)
+                self.search.num_piecewise, repair=self._repair(rng))
             archive: dict[str, dict[str, float]] = {}
             work = self._score_new(population, archive)
             state = SearchState(0, population.tolist(), archive, rng.bit_generator.state,
@@ -193,6 +214,7 @@ class EvolutionarySearch:
             bar.update(1)
             self._show(bar, state)
         bar.close()
+        self._validate(state)
         return self._finish(state)
 
     @staticmethod
@@ -201,24 +223,71 @@ class EvolutionarySearch:
         bar.set_postfix(best=f"{last['best_fitness']:.4g}", fd=f"{last['best_fd']:.4g}",
                         macs=f"{last['best_macs_ratio']:.2f}")
 
-    def _finish(self, state: SearchState) -> WidthSchedule:
-        """schedule.json, pareto.json and the two pictures, from every schedule ever scored."""
+    def _validate(self, state: SearchState) -> None:
+        """Scores the objective's shortlist and full width again on fresh noise with more
+        samples; the winner's curse of the search noise does not carry over to those scores."""
+        settings = {k: self.search[k] for k in VALIDATION_SETTINGS}
+        if not settings["validation_samples"]:
+            state.validation = None
+            return
         keys = list(state.archive)
         fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
-        full_key = _key(np.zeros(self.ops.num_steps, np.int32))
-        full_fd = state.archive[full_key]["fd"]
-        chosen = objectives.choose(self.search.objective, fd, macs_mean, macs_ratio,
-                                   full_fd=full_fd, fd_tolerance=self.search.fd_tolerance,
-                                   macs_lambda=self.search.macs_lambda,
-                                   macs_budget=self.search.macs_budget)
+        shortlist = [keys[i] for i in objectives.shortlist(
+            self.search.objective, fd, macs_mean, macs_ratio,
+            settings["validation_candidates"], full_fd=self._full_fd(state.archive),
+            fd_tolerance=self.search.fd_tolerance, macs_lambda=self.search.macs_lambda,
+            macs_budget=self.search.macs_budget)]
+        if (state.validation is not None and state.validation["settings"] == settings
+                and state.validation["shortlist"] == shortlist):
+            return
+        # All of them in one call, always: a score must not depend on what was cached before.
+        wanted = list(dict.fromkeys([self._full_key(), *shortlist]))
+        if self.progress:
+            print(f"validating {len(wanted)} schedules on {settings['validation_samples']} "
+                  f"fresh samples", flush=True)
+        scorer = ScheduleScorer(self.config, self.workdir, self.scorer.sampler.network,
+                                self.scorer.sampler.diffusion, self.scorer.params,
+                                num_samples=settings["validation_samples"],
+                                noise_stream=VALIDATION_NOISE, progress=self.progress)
+        scores = scorer(np.stack([_unkey(key) for key in wanted]))
+        state.validation = {"settings": settings, "shortlist": shortlist, "scores": {
+            key: {"fd": float(scores.fd[i]), "macs_mean": float(scores.macs_mean[i]),
+                  "macs_ratio": float(scores.macs_ratio[i])} for i, key in enumerate(wanted)}}
+        self._save_state(state)
+
+    def _full_key(self) -> str:
+        return _key(np.zeros(self.ops.num_steps, np.int32))
+
+    def _full_fd(self, scores: dict) -> float:
+        return scores[self._full_key()]["fd"]
+
+    def _finish(self, state: SearchState) -> WidthSchedule:
+        """schedule.json, pareto.json and the two pictures, from every schedule ever scored.
+        The choice is made on the validation scores when there are any."""
+        keys = list(state.archive)
+        fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
+        final = state.validation["scores"] if state.validation else state.archive
+        final_keys = state.validation["shortlist"] if state.validation else keys
+        final_fd, final_macs_mean, final_macs_ratio = self._columns(final_keys, final)
+        full_fd = self._full_fd(final)
+        chosen_key = final_keys[objectives.choose(
+            self.search.objective, final_fd, final_macs_mean, final_macs_ratio, full_fd=full_fd,
+            fd_tolerance=self.search.fd_tolerance, macs_lambda=self.search.macs_lambda,
+            macs_budget=self.search.macs_budget)]
+        chosen = keys.index(chosen_key)
         network_calls = sum(h["network_evaluations"] for h in state.history)
         naive_calls = sum(h["naive_evaluations"] for h in state.history)
+        validation = ({"validation_samples": int(self.search.validation_samples),
+                       "search_fd": float(fd[chosen]),
+                       "search_full_fd": self._full_fd(state.archive)}
+                      if state.validation else {})
         schedule = self.scorer.sampler.to_width_schedule(
-            _unkey(keys[chosen]), macs_mean=float(macs_mean[chosen]),
-            macs_ratio=float(macs_ratio[chosen]), fd=float(fd[chosen]), full_fd=full_fd,
+            _unkey(chosen_key), macs_mean=float(macs_mean[chosen]),
+            macs_ratio=float(macs_ratio[chosen]), fd=final[chosen_key]["fd"], full_fd=full_fd,
             objective=self.search.objective, generations=state.generation,
-            search_samples=int(self.search.num_samples), network_evaluations=network_calls,
-            naive_network_evaluations=naive_calls, features=self.scorer.extractor.name)
+            search_samples=int(self.search.num_samples), **validation,
+            network_evaluations=network_calls, naive_network_evaluations=naive_calls,
+            features=self.scorer.extractor.name)
         schedule.save(self.out_dir / "schedule.json")
         front = np.flatnonzero(objectives.pareto_ranks(fd, macs_ratio) == 0)
         front = front[np.argsort(macs_ratio[front])]
@@ -226,9 +295,18 @@ class EvolutionarySearch:
                    for i, w in enumerate(self.scorer.sampler.network.widths)]
         pareto = {"front": [{"schedule": _unkey(keys[i]).tolist(), **state.archive[keys[i]]}
                             for i in front],
-                  "uniform": uniform, "chosen": {"schedule": schedule.to_json()["schedule"],
-                                                 **state.archive[keys[chosen]]}}
+                  "uniform": uniform,
+                  "chosen": {"schedule": schedule.to_json()["schedule"],
+                             **state.archive[chosen_key]},
+                  "validated": [{"schedule": _unkey(key).tolist(), **scores,
+                                 "search_fd": state.archive[key]["fd"]}
+                                for key, scores in final.items()] if state.validation else []}
         write_text_atomically(self.out_dir / "pareto.json", json.dumps(pareto, indent=1))
         save_schedule_plot(schedule, self.out_dir / "schedule.png")
-        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.out_dir / "pareto.png")
+        title = f"{len(keys)} schedules scored on the same {self.search.num_samples} samples"
+        if state.validation:
+            title += (f";\nthe best {len(final_keys)} scored again on "
+                      f"{self.search.validation_samples} fresh ones")
+        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.out_dir / "pareto.png",
+                         title=title)
         return schedule
