@@ -124,6 +124,19 @@ def test_validation_rescores_the_shortlist_on_fresh_noise(tmp_path, model, digit
     assert again.figures["validation_samples"] == 16 and chosen.figures["generations"] == 2
 
 
+@pytest.mark.parametrize("objective", ["weighted", "pareto"])
+def test_every_objective_runs_a_search_to_a_validated_choice(tmp_path, model, digits_classifier,
+                                                             objective):
+    config = search_config(generations=1)
+    config.search.objective = objective
+    chosen = run_search(config, tmp_path, model, digits_classifier)
+    state = json.loads((tmp_path / "search" / "state.json").read_text())
+    assert len(state["archive"]) == 16  # seeds and children, none scored twice
+    key = ",".join(str(i) for i in chosen.schedule)
+    assert key in state["validation"]["shortlist"]
+    assert chosen.figures["objective"] == objective
+
+
 def test_identical_schedules_score_identically(tmp_path, model, digits_classifier):
     config = search_config()
     digits_classifier(tmp_path)

@@ -16,6 +16,11 @@ import numpy as np
 Repair = Callable[[np.ndarray], np.ndarray]  # makes a genome admissible (e.g. within budget)
 
 
+def no_repair(genome: np.ndarray) -> np.ndarray:
+    """Every genome is admissible (objectives without a hard constraint)."""
+    return genome
+
+
 @dataclasses.dataclass(frozen=True)
 class Operators:
     num_widths: int
@@ -67,10 +72,9 @@ def fit_budget(rng: np.random.Generator, genome: np.ndarray, width_cost: np.ndar
 
 
 def initial_population(rng: np.random.Generator, size: int, num_widths: int, num_steps: int,
-                       num_piecewise: int, repair: Repair | None = None) -> np.ndarray:
+                       num_piecewise: int, repair: Repair = no_repair) -> np.ndarray:
     """The uniform schedules (the baselines to beat, never repaired), staircases narrowing and
     widening in turn, then random schedules."""
-    repair = repair or (lambda row: row)
     rows = []
     while len(rows) < min(size - num_widths, num_piecewise):
         rows.append(repair(piecewise_schedule(rng, num_widths, num_steps,
@@ -118,11 +122,10 @@ def mutate(rng: np.random.Generator, ops: Operators, genome: np.ndarray) -> np.n
 
 
 def unique_rows(population: np.ndarray, rng: np.random.Generator, num_widths: int,
-                seen: set[bytes] | None = None, repair: Repair | None = None) -> np.ndarray:
+                seen: set[bytes] | None = None, repair: Repair = no_repair) -> np.ndarray:
     """Replaces duplicates (within the population or of `seen`) by mutated (and repaired)
     copies."""
     seen = set() if seen is None else set(seen)
-    repair = repair or (lambda row: row)
     rows = []
     ops = Operators(num_widths, population.shape[1])
     for row in population:

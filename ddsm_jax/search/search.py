@@ -137,10 +137,10 @@ class EvolutionarySearch:
         return genome.unique_rows(np.stack(children), rng, self.ops.num_widths, seen=seen,
                                   repair=repair)
 
-    def _repair(self, rng: np.random.Generator) -> genome.Repair | None:
+    def _repair(self, rng: np.random.Generator) -> genome.Repair:
         """Under a hard budget, over-budget children are narrowed into it (constraint repair)."""
         if self.search.objective != "budget":
-            return None
+            return genome.no_repair
         width_cost, budget = self.scorer.width_cost, self.search.macs_budget
         return lambda row: genome.fit_budget(rng, row, width_cost, budget)
 
