@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ddsm_jax.data.pipeline import DATASETS, EmbeddedData, ImageDataset, load_dataset
 from ddsm_jax.eval.features import FeatureExtractor
-from ddsm_jax.utils.files import write_atomically
+from ddsm_jax.utils.files import write_atomically, write_text_atomically
 
 Params = dict[str, Any]
 
@@ -391,7 +391,7 @@ def domain_extractor(config: ml_collections.ConfigDict, workdir: str | Path, *, 
         }
         flat = _flatten(params)
         write_atomically(weights_path, lambda f: np.savez(f, **flat))
-        write_atomically(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+        write_text_atomically(info_path, json.dumps(info, indent=2))
 
     extractor = FeatureExtractor(name=f"classifier_{name}", dim=settings.feature_dim,
                                  params=params, apply_fn=classifier.features)

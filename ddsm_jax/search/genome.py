@@ -43,16 +43,16 @@ def uniform_schedules(num_widths: int, num_steps: int) -> np.ndarray:
 
 
 def piecewise_schedule(rng: np.random.Generator, num_widths: int, num_steps: int,
-                       max_pieces: int = 4, *, narrowing: bool | None = None) -> np.ndarray:
+                       max_pieces: int = 4, *, narrowing: bool) -> np.ndarray:
     """A staircase of a few runs of constant width, the shape searched schedules usually take.
-    `narrowing=True` goes from wide to narrow along the sampling order, False the other way,
-    None picks at random: which end of the trajectory tolerates narrow networks is data's call.
+    `narrowing=True` goes from wide to narrow along the sampling order, False the other way:
+    which end of the trajectory tolerates narrow networks is the data's call, so seed both.
     """
     pieces = int(rng.integers(2, max_pieces + 1))
     cuts = np.sort(rng.choice(np.arange(1, num_steps), size=min(pieces - 1, num_steps - 1),
                               replace=False))
     widths = np.sort(rng.integers(0, num_widths, size=len(cuts) + 1))
-    if narrowing is False or (narrowing is None and rng.random() < 0.5):
+    if not narrowing:
         widths = widths[::-1]
     return np.repeat(widths, np.diff(np.concatenate([[0], cuts, [num_steps]]))).astype(np.int32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -31,23 +32,32 @@ SEARCH_NOISE, VALIDATION_NOISE = 5, 6  # streams of the seed; evaluate draws fro
 
 
 class ScheduleScorer:
-    """Scores populations on one fixed noise (`num_samples` images, default
-    `config.search.num_samples`) for the whole search."""
+    """Scores populations on one fixed noise (`config.search.num_samples` images) for the whole
+    search; `on_noise` gives a scorer on other noise that shares everything else."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
-                 diffusion: Diffusion, params: Params, *, num_samples: int | None = None,
-                 noise_stream: int = SEARCH_NOISE, progress: bool = True):
+                 diffusion: Diffusion, params: Params, *, progress: bool = True):
         self.config = config
         self.params = params
         self.sampler = ScheduleSampler(network, diffusion, config.sampling)
         self.population_sampler = PopulationSampler(self.sampler)
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
-        key = jax.random.fold_in(jax.random.key(config.seed), noise_stream)
-        self.noise = initial_noise(jax.random.fold_in(key, 0),
-                                   num_samples or config.search.num_samples, network.image_shape)
-        self.key = jax.random.fold_in(key, 1)
         self.total_macs = [row["total"] for row in macs_table(network, params).values()]
+        self._draw_noise(config.search.num_samples, SEARCH_NOISE)
+
+    def _draw_noise(self, num_samples: int, stream: int) -> None:
+        key = jax.random.fold_in(jax.random.key(self.config.seed), stream)
+        self.noise = initial_noise(jax.random.fold_in(key, 0), num_samples,
+                                   self.sampler.network.image_shape)
+        self.key = jax.random.fold_in(key, 1)
+
+    def on_noise(self, num_samples: int, stream: int) -> ScheduleScorer:
+        """The same network, feature space and reference, on `num_samples` images of another
+        noise stream (the validation's), without loading any of them again."""
+        other = copy.copy(self)
+        other._draw_noise(num_samples, stream)
+        return other
 
     @property
     def num_widths(self) -> int:

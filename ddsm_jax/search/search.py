@@ -74,7 +74,6 @@ class EvolutionarySearch:
         if self.search.validation_samples and self.search.validation_candidates < 1:
             raise ValueError("config.search.validation_candidates must be at least 1 (or set "
                              "config.search.validation_samples=0 to choose on the search noise)")
-        self.workdir = workdir
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
         self.ops = genome.Operators(
@@ -245,10 +244,7 @@ class EvolutionarySearch:
         if self.progress:
             print(f"validating {len(wanted)} schedules on {settings['validation_samples']} "
                   f"fresh samples", flush=True)
-        scorer = ScheduleScorer(self.config, self.workdir, self.scorer.sampler.network,
-                                self.scorer.sampler.diffusion, self.scorer.params,
-                                num_samples=settings["validation_samples"],
-                                noise_stream=VALIDATION_NOISE, progress=self.progress)
+        scorer = self.scorer.on_noise(settings["validation_samples"], VALIDATION_NOISE)
         scores = scorer(np.stack([_unkey(key) for key in wanted]))
         state.validation = {"settings": settings, "shortlist": shortlist, "scores": {
             key: {"fd": float(scores.fd[i]), "macs_mean": float(scores.macs_mean[i]),
