@@ -123,6 +123,10 @@ class PopulationSampler:
         final, _ = jax.lax.scan(step_body, states, (steps, schedules.T, representative.T))
         return jnp.clip(final, -1.0, 1.0)
 
+    def place(self, per_candidate: np.ndarray) -> jax.Array:
+        """Per-candidate rows onto the `pop` devices, split as the compiled program expects."""
+        return jax.device_put(per_candidate, NamedSharding(self.mesh, P("pop")))
+
     def __call__(self, params: Params, population: np.ndarray, x_T: jax.Array, key: jax.Array,
                  *, share_prefixes: bool = True) -> tuple[np.ndarray, EvaluationPlan]:
         """Samples in the population's own order, and the plan (with its network-call count)."""
@@ -130,9 +134,8 @@ class PopulationSampler:
         chex.assert_shape(population, (None, self.sampler.num_steps))
         chex.assert_rank(x_T, 4)
         plan = plan_evaluation(population, self.num_shards, share_prefixes=share_prefixes)
-        split = NamedSharding(self.mesh, P("pop"))
-        samples = self._run(params, jax.device_put(plan.schedules, split),
-                            jax.device_put(plan.representative, split), x_T, key)
+        samples = self._run(params, self.place(plan.schedules), self.place(plan.representative),
+                            x_T, key)
         samples = np.asarray(samples)[:plan.num_candidates]
         unsorted = np.empty_like(samples)
         unsorted[plan.order[:plan.num_candidates]] = samples
