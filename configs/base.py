@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.1
     config.model.num_groups = 32
     config.model.widths = (1.0, 0.75, 0.5, 0.25)
+    config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (TPU/GPU; params stay f32)
+    config.model.remat = False  # recompute residual blocks in the backward pass (saves memory)
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000

@@ -125,3 +125,43 @@ def test_cost_command_prints_one_json_object():
     assert report["widths"] == [1.0, 0.75, 0.5, 0.25]
     assert set(report["macs"]) == {"1.0", "0.75", "0.5", "0.25"}
     assert report["macs"]["0.5"]["total"] > report["macs"]["0.5"]["conv_linear"] > 1.5e9
+
+
+def test_bfloat16_compute_stays_close_to_float32_and_returns_float32():
+    config = tiny_config()
+    network, params = init_network(config, jax.random.key(0))
+    config.model.dtype = "bfloat16"
+    bf16_network, _ = init_network(config, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, *network.image_shape))
+    t = jnp.array([0, 10, 500, 999])
+    for width in network.widths:
+        exact = network.apply(params, x, t, width=width)
+        approx = bf16_network.apply(params, x, t, width=width)
+        assert approx.dtype == jnp.float32
+        error = float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact))
+        assert 0 < error < 0.05, (width, error)  # bf16 rounding, not a different network
+
+
+def test_remat_gives_the_same_gradients():
+    config = tiny_config()
+    network, params = init_network(config, jax.random.key(0))
+    config.model.remat = True
+    remat_network, _ = init_network(config, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, *network.image_shape))
+    t, key = jnp.array([0, 10, 500, 999]), jax.random.key(2)
+
+    def loss(net):
+        return lambda p: jnp.mean(net.apply(p, x, t, width=0.5, dropout_rng=key) ** 2)
+
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(network)))(params))
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss(remat_network)))(params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           jax.jit(jax.grad(loss(network)))(params),
+                           jax.jit(jax.grad(loss(remat_network)))(params))
+
+
+def test_unknown_compute_dtype_is_a_clear_error():
+    config = tiny_config()
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="config.model.dtype='float16'"):
+        init_network(config, jax.random.key(0))

@@ -1,6 +1,10 @@
 """The slimmable DDPM U-Net of DDSM: one set of weights, any width in (0, 1] at call time.
 
 `width` is a static Python float: each width is its own traced (and compiled) program.
+`dtype` is the compute dtype (bfloat16 on accelerators): parameters stay float32, each layer
+casts its slice of them, normalisation and softmax statistics run in float32, and epsilon comes
+out in float32. `remat` recomputes each residual block in the backward pass instead of storing
+its activations, for configs whose activations do not fit in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ Array = jax.Array
 CONV_DIVISOR = 8
 TIME_DIVISOR = 16
 QKV_DIVISOR = 1
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"config.model.dtype={name!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def timestep_embedding(t: Array, dim: int) -> Array:
@@ -113,7 +124,10 @@ class SlimmableUNet(nnx.Module):
 
     def __init__(self, *, image_size: int, image_channels: int, ch: int, ch_mult: tuple[int, ...],
                  num_res_blocks: int, attn_resolutions: tuple[int, ...], dropout: float,
-                 num_groups: int = 32, rngs: nnx.Rngs):
+                 num_groups: int = 32, dtype: str = "float32", remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.dtype = compute_dtype(dtype)
+        self.remat = remat
         self.image_size = image_size
         self.image_channels = image_channels
         self.ch = ch
@@ -164,21 +178,24 @@ class SlimmableUNet(nnx.Module):
         rngs = iter(jax.random.split(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
                     if dropout_rng is not None else [])
 
-        temb = self.temb_dense0(timestep_embedding(t, self.ch), width)
+        res_block = nnx.remat(ResBlock.__call__, static_argnums=3) if self.remat else ResBlock.__call__
+        temb = self.temb_dense0(timestep_embedding(t, self.ch).astype(self.dtype), width)
         temb = self.temb_dense1(silu(temb), width)
-        h = self.head(x, width)
+        h = self.head(x.astype(self.dtype), width)
         skips = [h]
         for layer in self.down:
-            h = layer(h, temb, width, next(rngs, None)) if isinstance(layer, ResBlock) else layer(h, width)
+            h = (res_block(layer, h, temb, width, next(rngs, None)) if isinstance(layer, ResBlock)
+                 else layer(h, width))
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, temb, width, next(rngs, None))
+            h = res_block(layer, h, temb, width, next(rngs, None))
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(jnp.concatenate([h, skips.pop()], axis=-1), temb, width, next(rngs, None))
+                h = res_block(layer, jnp.concatenate([h, skips.pop()], axis=-1), temb, width,
+                              next(rngs, None))
             else:
                 h = layer(h, width)
-        out = self.tail_conv(silu(self.tail_norm(h)), width)
+        out = self.tail_conv(silu(self.tail_norm(h)), width).astype(jnp.float32)
         chex.assert_equal_shape([out, x])
         return out
 
@@ -192,4 +209,4 @@ def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlimmableUN
         image_size=config.data.image_size, image_channels=config.data.channels, ch=model.ch,
         ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
         attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
-        num_groups=model.num_groups, rngs=rngs)
+        num_groups=model.num_groups, dtype=model.dtype, remat=model.remat, rngs=rngs)
