@@ -1,10 +1,10 @@
 """Speed per MAC of one 3x3 convolution against its channel count, on this machine.
 
-    python benchmarks/conv_channels.py [--resolution=32] [--batch=4] [--channels=8,16,...]
+    python -m benchmarks.conv_channels [--resolution=32] [--batch=4] [--channels=8,16,...]
 
 Narrow widths save time only as far as the convolution kernels stay efficient at their channel
 counts; this prints GFLOP/s per count (compiled and warmed up first, median of `--repeats`),
-which explains the saving ratios of `sampling_widths.py`.
+which explains the saving ratios of `benchmarks/sampling.py`.
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ def test_population_sampling_stays_on_device_and_compiles_once_per_shape(setup):
     assert warm.count == 0, f"recompiled after warm-up: {dict(warm.by_name)}"
     plan = plan_evaluation(population(), population_sampler.num_shards)
     args = [population_sampler.place(a) for a in (plan.schedules, plan.representative)]
-    _assert_no_host_callbacks(population_sampler._run, params, *args, noise, key)
+    initial = population_sampler._broadcast(noise, len(plan.order))
+    _assert_no_host_callbacks(population_sampler._run, params, *args, initial, key)
     with jax.transfer_guard_device_to_host("disallow"):
-        jax.block_until_ready(population_sampler._run(params, *args, noise, key))
+        jax.block_until_ready(population_sampler._run(params, *args, initial, key))

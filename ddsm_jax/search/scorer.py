@@ -17,6 +17,7 @@ from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network, Params
 from ddsm_jax.sampling import ScheduleSampler, initial_noise
 from ddsm_jax.search.population import PopulationSampler
+from ddsm_jax.search.trajectory_cache import TrajectoryCache, keep_steps_for_budget, state_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,12 @@ class ScheduleScorer:
         self.config = config
         self.params = params
         self.sampler = ScheduleSampler(network, diffusion, config.sampling)
-        self.population_sampler = PopulationSampler(self.sampler)
+        search = config.search
+        keep_steps = keep_steps_for_budget(
+            self.sampler.num_steps, search.population_size,
+            state_bytes(search.num_samples, network.image_shape), search.trajectory_cache_mb)
+        self.cache = TrajectoryCache(keep_steps) if keep_steps else None
+        self.population_sampler = PopulationSampler(self.sampler, keep_steps=keep_steps)
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
         self.total_macs = [row["total"] for row in macs_table(network, params).values()]
@@ -57,6 +63,8 @@ class ScheduleScorer:
         noise stream (the validation's), without loading any of them again."""
         other = copy.copy(self)
         other._draw_noise(num_samples, stream)
+        other.cache = None  # kept states belong to the search noise
+        other.population_sampler = PopulationSampler(self.sampler)
         return other
 
     @property
@@ -79,9 +87,15 @@ class ScheduleScorer:
 
     def __call__(self, population: np.ndarray) -> Scores:
         population = np.asarray(population, np.int32)
-        samples, plan = self.population_sampler(
+        starts, start_states = (self.cache.lookup(population) if self.cache is not None
+                                else (None, None))
+        result = self.population_sampler(
             self.params, population, self.noise, self.key,
-            share_prefixes=self.config.search.share_prefixes)
+            share_prefixes=self.config.search.share_prefixes, starts=starts,
+            start_states=start_states)
+        if self.cache is not None:
+            self.cache.add(population, result.kept)
+        samples, plan = result.samples, result.plan
         count, per_candidate = samples.shape[:2]
         features = compute_features(self.extractor, samples.reshape(-1, *samples.shape[2:]),
                                     batch_size=self.config.eval.feature_batch_size)
@@ -89,3 +103,8 @@ class ScheduleScorer:
         fd = np.array([self.reference.frechet_distance(f) for f in features])
         macs_mean, macs_ratio = self.cost(population)
         return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size)
+
+    def retain(self, population: np.ndarray) -> None:
+        """Keeps the trajectories of `population` only (the parents of the next children)."""
+        if self.cache is not None:
+            self.cache.retain(population)

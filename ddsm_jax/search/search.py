@@ -85,7 +85,7 @@ class EvolutionarySearch:
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
         settings = {k: v for k, v in self.search.to_dict().items()
-                    if k not in ("generations", *VALIDATION_SETTINGS)}
+                    if k not in ("generations", "trajectory_cache_mb", *VALIDATION_SETTINGS)}
         self.fingerprint = {"search": settings, "seed": config.seed,
                             "sampling": config.sampling.to_dict(),
                             "widths": list(network.widths), "data": config.data.name}
@@ -205,6 +205,7 @@ class EvolutionarySearch:
             merged = np.concatenate([population, children])
             keys = [_key(row) for row in merged]
             survivors = merged[self._ranking(keys, state.archive)[:len(population)]]
+            self.scorer.retain(survivors)
             state.generation += 1
             state.population = survivors.tolist()
             state.rng_state = rng.bit_generator.state

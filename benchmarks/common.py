@@ -1,0 +1,62 @@
+"""What every benchmark shares: steady-state timing, this machine's matmul peak, the report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall clock of `run()` (which must block on its result), after one warm-up call."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -> float:
+    """The best float32 matmul rate over `sizes`: the ceiling the model's GFLOP/s is read
+    against, measured in the same run because these machines are shared and noisy."""
+    best = 0.0
+    matmul = jax.jit(jnp.matmul)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        best = max(best, 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats) / 1e9)
+    return best
+
+
+def machine() -> str:
+    devices = jax.devices()
+    return (f"{platform.machine()} {devices[0].platform} x{len(devices)} "
+            f"({devices[0].device_kind}), jax {jax.__version__}")
+
+
+def report(rows: list[dict], columns: Sequence[tuple[str, str, str]], notes: Sequence[str] = ()) -> None:
+    """The command, the machine, a table (`columns`: key, header, format) and one JSON line per
+    row, so a figure can always be traced back to the command that printed it."""
+    print(f"$ python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}".rstrip())
+    print(f"# {machine()}")
+    for note in notes:
+        print(f"# {note}")
+    widths = [max(len(header), 9) for _, header, _ in columns]
+    print(" ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)))
+    for row in rows:
+        cells = []
+        for (key, _, fmt), w in zip(columns, widths):
+            value = row.get(key)
+            cells.append(f"{'' if value is None else format(value, fmt):>{w}}")
+        print(" ".join(cells))
+    for row in rows:
+        print(json.dumps(row))
