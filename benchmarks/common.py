@@ -50,13 +50,12 @@ def report(rows: list[dict], columns: Sequence[tuple[str, str, str]], notes: Seq
     print(f"# {machine()}")
     for note in notes:
         print(f"# {note}")
-    widths = [max(len(header), 9) for _, header, _ in columns]
-    print(" ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)))
-    for row in rows:
-        cells = []
-        for (key, _, fmt), w in zip(columns, widths):
-            value = row.get(key)
-            cells.append(f"{'' if value is None else format(value, fmt):>{w}}")
-        print(" ".join(cells))
+    cells = [[f"{'' if row.get(key) is None else format(row[key], fmt)}" for key, _, fmt in columns]
+             for row in rows]
+    widths = [max([len(header)] + [len(line[i]) for line in cells])
+              for i, (_, header, _) in enumerate(columns)]
+    print("  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)))
+    for line in cells:
+        print("  ".join(f"{cell:>{w}}" for cell, w in zip(line, widths)))
     for row in rows:
         print(json.dumps(row))

@@ -1,0 +1,37 @@
+"""The benchmark scripts run as the README shows and print their table and JSON lines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as documented
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"$ python -m {args[0]}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_throughput_against_the_peak():
+    rows = _run("benchmarks.train_step", "--config=configs/digits.py", "--batches=4",
+                "--repeats=1", "--nosingle_widths")
+    assert [row["step"] for row in rows] == ["sandwich", "sandwich"]
+    assert all(0 < row["of_peak"] < 1 and row["compiles"] >= 1 for row in rows)
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_reports_time_beside_macs():
+    rows = _run("benchmarks.sampling", "--config=configs/digits.py", "--batch=4", "--steps=3",
+                "--repeats=1")
+    assert [row["width"] for row in rows] == ["1", "0.75", "0.5", "0.25"]
+    assert rows[0]["time_ratio"] == rows[0]["macs_ratio"] == 1.0
+    assert rows[-1]["macs_ratio"] < rows[1]["macs_ratio"] < 1.0
