@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -33,7 +34,8 @@ def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        best = max(best, 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats) / 1e9)
+        seconds = median_seconds(functools.partial(matmul, a, b), repeats)
+        best = max(best, 2 * n**3 / seconds / 1e9)
     return best
 
 
@@ -43,7 +45,8 @@ def machine() -> str:
             f"({devices[0].device_kind}), jax {jax.__version__}")
 
 
-def report(rows: list[dict], columns: Sequence[tuple[str, str, str]], notes: Sequence[str] = ()) -> None:
+def report(rows: list[dict], columns: Sequence[tuple[str, str, str]],
+           notes: Sequence[str] = ()) -> None:
     """The command, the machine, a table (`columns`: key, header, format) and one JSON line per
     row, so a figure can always be traced back to the command that printed it."""
     print(f"$ python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}".rstrip())

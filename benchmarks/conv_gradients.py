@@ -9,6 +9,8 @@ falls short of the matmul peak on this machine (each compiled and warmed up, med
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -42,9 +44,9 @@ def main(argv: list[str]) -> None:
         dy = jax.random.normal(jax.random.key(2), (_BATCH.value, size, size, c_out), jnp.float32)
         flops = 2 * _BATCH.value * size * size * 9 * c_in * c_out
         row = {"shape": f"{size}x{size} {c_in}->{c_out}", "layer": what}
-        for name, run in [("forward", lambda: forward(x, kernel)),
-                          ("input_grad", lambda: input_grad(x, kernel, dy)),
-                          ("weight_grad", lambda: weight_grad(x, kernel, dy))]:
+        for name, run in [("forward", functools.partial(forward, x, kernel)),
+                          ("input_grad", functools.partial(input_grad, x, kernel, dy)),
+                          ("weight_grad", functools.partial(weight_grad, x, kernel, dy))]:
             row[name] = flops / median_seconds(run, _REPEATS.value) / 1e9
         rows.append(row)
     report(rows, [("shape", "shape", "s"), ("layer", "layer", "s"),

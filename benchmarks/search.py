@@ -30,7 +30,8 @@ from ddsm_jax.utils.compile_counter import CompileCounter
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/digits", "A workdir with a trained supernet.")
 
-MODES = {"naive": (False, 0), "prefixes": (True, 0), "prefixes+cache": (True, None)}  # None: config's
+# mode: (share_prefixes, trajectory_cache_mb; None keeps the config's)
+MODES = {"naive": (False, 0), "prefixes": (True, 0), "prefixes+cache": (True, None)}
 
 
 def main(argv: list[str]) -> None:
@@ -68,12 +69,14 @@ def main(argv: list[str]) -> None:
         naive = sum(h["naive_evaluations"] for h in later)
         rows.append({"mode": mode, "generation": "1+ mean",
                      "seconds": sum(h["seconds"] for h in later) / len(later),
-                     "network_evaluations": calls / len(later), "naive_evaluations": naive / len(later),
+                     "network_evaluations": calls / len(later),
+                     "naive_evaluations": naive / len(later),
                      "saved": 1 - calls / naive, "search_seconds": total,
                      "compiles": compiles.count, "compile_seconds": compiles.seconds})
     same = len({tuple(v) for v in populations.values()}) == 1
     report(rows, [("mode", "mode", "s"), ("generation", "gen", ""), ("seconds", "s/gen", ".2f"),
-                  ("network_evaluations", "net evals", ".1f"), ("naive_evaluations", "naive", ".1f"),
+                  ("network_evaluations", "net evals", ".1f"),
+                  ("naive_evaluations", "naive", ".1f"),
                   ("saved", "saved", ".0%"), ("compile_seconds", "compile s", ".1f")],
            notes=[f"{base.search.population_size} candidates x {base.search.generations} "
                   f"generations x {base.sampling.num_steps} steps, {base.search.num_samples} "

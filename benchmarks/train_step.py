@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     for batch_size in map(int, _BATCHES.value):
         batch = jax.device_put(np.zeros((batch_size, *network.image_shape), np.float32))
         for widths in combinations:
-            def run(widths=widths):
+            def run(widths=widths, batch=batch):
                 nonlocal state
                 state, metrics = step(state, batch, rng, widths)
                 return metrics["loss"]

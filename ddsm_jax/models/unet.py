@@ -178,7 +178,9 @@ class SlimmableUNet(nnx.Module):
         rngs = iter(jax.random.split(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
                     if dropout_rng is not None else [])
 
-        res_block = nnx.remat(ResBlock.__call__, static_argnums=3) if self.remat else ResBlock.__call__
+        res_block = ResBlock.__call__
+        if self.remat:
+            res_block = nnx.remat(res_block, static_argnums=3)
         temb = self.temb_dense0(timestep_embedding(t, self.ch).astype(self.dtype), width)
         temb = self.temb_dense1(silu(temb), width)
         h = self.head(x.astype(self.dtype), width)

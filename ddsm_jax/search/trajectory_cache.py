@@ -53,7 +53,7 @@ class TrajectoryCache:
         found: dict[int, np.ndarray] = {}
         self._parents = {}
         for k, row in enumerate(population):
-            for slot, step in reversed(list(enumerate(self.keep_steps))):
+            for step in reversed(self.keep_steps):
                 hit = prefixes.get(row[:step + 1].tobytes())
                 if hit is not None:
                     starts[k], found[k] = step + 1, hit[0][hit[1]]
