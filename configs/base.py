@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.search.block_mutation_rate = 0.4
     config.search.shift_mutation_rate = 0.3
     config.search.share_prefixes = True  # compute shared schedule prefixes once
-    # Host memory for the population's trajectory states, from which children start at the
-    # longest prefix they share with a parent (0 = off; more memory keeps more steps).
+    # Memory for the population's trajectory states (on the host; one generation's worth also on
+    # the devices), from which children start at the longest prefix they share with a parent
+    # (0 = off; more memory keeps the states of more steps).
     config.search.trajectory_cache_mb = 1024
     # The best of many noisy scores is optimistic: the shortlist is scored again, with full width,
     # on fresh noise and more samples, and the choice is made on those scores (0 = don't).
