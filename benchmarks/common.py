@@ -14,16 +14,26 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ddsm_jax.utils.compile_counter import CompileCounter
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Median wall clock of `run()` (which must block on its result), after one warm-up call."""
-    jax.block_until_ready(run())
+
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, CompileCounter]:
+    """Median wall clock of `repeats` calls of `run()` after one warm-up call, and the
+    compilations that warm-up made (steady state only is timed)."""
+    with CompileCounter() as compiles:
+        jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), compiles
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The U-Net's 3x3 convolution (stride 1, same padding, NHWC) that the conv benchmarks time."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1), (1, 1)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -> float:
@@ -34,7 +44,7 @@ def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        seconds = median_seconds(functools.partial(matmul, a, b), repeats)
+        seconds, _ = median_seconds(functools.partial(matmul, a, b), repeats)
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.common import matmul_peak_gflops, median_seconds, report
+from benchmarks.common import conv3x3, matmul_peak_gflops, median_seconds, report
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per product.")
@@ -26,17 +26,12 @@ SHAPES = [(32, 128, 128, "level 0 res block"), (32, 384, 128, "up level 0, skip 
           (8, 256, 256, "level 2 res block"), (32, 32, 32, "width 0.25, level 0")]
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1), (1, 1)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def main(argv: list[str]) -> None:
     del argv
     peak = matmul_peak_gflops()
-    forward = jax.jit(_conv)
-    input_grad = jax.jit(lambda x, k, dy: jax.vjp(lambda x: _conv(x, k), x)[1](dy)[0])
-    weight_grad = jax.jit(lambda x, k, dy: jax.vjp(lambda k: _conv(x, k), k)[1](dy)[0])
+    forward = jax.jit(conv3x3)
+    input_grad = jax.jit(lambda x, k, dy: jax.vjp(lambda x: conv3x3(x, k), x)[1](dy)[0])
+    weight_grad = jax.jit(lambda x, k, dy: jax.vjp(lambda k: conv3x3(x, k), k)[1](dy)[0])
     rows = []
     for size, c_in, c_out, what in SHAPES:
         x = jax.random.normal(jax.random.key(0), (_BATCH.value, size, size, c_in), jnp.float32)
@@ -47,7 +42,8 @@ def main(argv: list[str]) -> None:
         for name, run in [("forward", functools.partial(forward, x, kernel)),
                           ("input_grad", functools.partial(input_grad, x, kernel, dy)),
                           ("weight_grad", functools.partial(weight_grad, x, kernel, dy))]:
-            row[name] = flops / median_seconds(run, _REPEATS.value) / 1e9
+            seconds, _ = median_seconds(run, _REPEATS.value)
+            row[name] = flops / seconds / 1e9
         rows.append(row)
     report(rows, [("shape", "shape", "s"), ("layer", "layer", "s"),
                   ("forward", "forward GFLOP/s", ".0f"), ("input_grad", "input grad", ".0f"),

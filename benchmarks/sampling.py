@@ -21,7 +21,6 @@ from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import init_network
 from ddsm_jax.sampling import ScheduleSampler, initial_noise
-from ddsm_jax.utils.compile_counter import CompileCounter
 from ddsm_jax.width_schedule import load_schedule
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Config file.")
@@ -50,9 +49,7 @@ def main(argv: list[str]) -> None:
         def run(schedule=schedule):
             return sampler(params, schedule, noise, jax.random.key(2))
 
-        with CompileCounter() as compiles:
-            jax.block_until_ready(run())
-        seconds = median_seconds(run, _REPEATS.value)
+        seconds, compiles = median_seconds(run, _REPEATS.value)
         rows.append({"width": name, "seconds": seconds, "images_per_sec": _BATCH.value / seconds,
                      "macs_mean": sum(per_width[i] for i in schedule) / len(schedule),
                      "compile_seconds": compiles.seconds})

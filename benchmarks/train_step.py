@@ -23,7 +23,6 @@ from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.sandwich import sandwich_widths
 from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
-from ddsm_jax.utils.compile_counter import CompileCounter
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Global batch sizes to time.")
@@ -53,9 +52,7 @@ def main(argv: list[str]) -> None:
                 state, metrics = step(state, batch, rng, widths)
                 return metrics["loss"]
 
-            with CompileCounter() as compiles:
-                jax.block_until_ready(run())
-            seconds = median_seconds(run, _REPEATS.value)
+            seconds, compiles = median_seconds(run, _REPEATS.value)
             gflops = TRAIN_FLOPS_PER_MAC * sum(macs[w] for w in widths) * batch_size / seconds / 1e9
             rows.append({"config": config.data.name, "batch": batch_size,
                          "step": "sandwich" if len(widths) > 1 else "width",

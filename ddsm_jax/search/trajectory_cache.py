@@ -37,10 +37,6 @@ class TrajectoryCache:
     def __len__(self) -> int:
         return len(self._states)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(states.nbytes for states in self._states.values())
-
     def lookup(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(starts, start_states): how many steps each candidate can skip, and its state then."""
         population = np.asarray(population, np.int32)
@@ -77,8 +73,8 @@ class TrajectoryCache:
             if key in self._parents:
                 parent, start = self._parents[key]
                 before = steps + 1 < start
-                states = np.where(before[(slice(None),) + (None,) * (states.ndim - 1)], parent,
-                                  states)
+                states = states.copy()
+                states[before] = parent[before]
             self._states[key] = states
         self._parents = {}
 
