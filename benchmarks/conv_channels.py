@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.common import conv3x3, median_seconds, report
+from benchmarks.common import xla_conv, median_seconds, report
 
 _RESOLUTION = flags.DEFINE_integer("resolution", 32, "Image height and width.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per call.")
@@ -26,7 +26,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per count.")
 
 def main(argv: list[str]) -> None:
     del argv
-    conv = jax.jit(conv3x3)
+    conv = jax.jit(xla_conv)
     size, batch = _RESOLUTION.value, _BATCH.value
     rows = []
     for channels in map(int, _CHANNELS.value):

@@ -2,17 +2,20 @@
 
     python -m benchmarks.train_step --config=configs/cifar10.py --batches=8,32
     python -m benchmarks.train_step --config=configs/digits.py --batches=8,128
+    python -m benchmarks.train_step --batches=8,32 --weight_grad_chunks=0,4 --single_widths=false
 
 Each row is one compiled train step (forward, backward, Adam, EMA), warmed up and then timed
 over `--repeats` steps (median). A single-width row trains that width alone; a sandwich row is
 the real step: full, narrowest and one middle width in one program. GFLOP/s counts the cost
 model's MACs x 2 (multiply-add) x 3 (forward + two backward products); `of peak` divides it by
 the float32 matmul rate the script measures first. Issue 6's goal: >= 0.5 at CIFAR-10.
+`--weight_grad_chunks` times the same steps with each `model.weight_grad_chunk` side by side.
 """
 
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,19 +31,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Confi
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Global batch sizes to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per row.")
 _SINGLE = flags.DEFINE_bool("single_widths", True, "Also time each width trained alone.")
+_CHUNKS = flags.DEFINE_list("weight_grad_chunks", [],
+                            "model.weight_grad_chunk values to compare (default: the config's).")
 
 TRAIN_FLOPS_PER_MAC = 2 * 3  # multiply-add; forward, input gradient, weight gradient
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    config = _CONFIG.value
+def _time_steps(config: ml_collections.ConfigDict, rng: jax.Array, peak: float) -> list[dict]:
+    """One row per batch size and width set, for the network `config` builds."""
     network, params = init_network(config, jax.random.key(0))
     macs = {w: row["total"] for w, row in macs_table(network, params).items()}
     step = make_train_step(network, diffusion_from_config(config.diffusion), config.training)
     state = TrainState.create(params, make_optimizer(config.training))
-    rng = jax.random.key(1)
-    peak = matmul_peak_gflops()
     sandwiches = sorted({sandwich_widths(network.widths, config.seed, i) for i in range(64)})
     combinations = ([(w,) for w in network.widths] if _SINGLE.value else []) + sandwiches
     rows = []
@@ -54,14 +56,27 @@ def main(argv: list[str]) -> None:
 
             seconds, compiles = median_seconds(run, _REPEATS.value)
             gflops = TRAIN_FLOPS_PER_MAC * sum(macs[w] for w in widths) * batch_size / seconds / 1e9
-            rows.append({"config": config.data.name, "batch": batch_size,
+            rows.append({"config": config.data.name, "chunk": config.model.weight_grad_chunk,
+                         "batch": batch_size,
                          "step": "sandwich" if len(widths) > 1 else "width",
                          "widths": "/".join(f"{w:g}" for w in widths), "seconds": seconds,
                          "images_per_sec": batch_size / seconds, "gflops": gflops,
                          "of_peak": gflops / peak, "compiles": compiles.count,
                          "compile_seconds": compiles.seconds})
-    report(rows, [("config", "config", "s"), ("batch", "batch", "d"), ("step", "step", "s"),
-                  ("widths", "widths", "s"), ("seconds", "s/step", ".3f"),
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    rng = jax.random.key(1)
+    peak = matmul_peak_gflops()
+    rows = []
+    for chunk in map(int, _CHUNKS.value or [config.model.weight_grad_chunk]):
+        config.model.weight_grad_chunk = chunk
+        rows += _time_steps(config, rng, peak)
+    report(rows, [("config", "config", "s"), ("chunk", "chunk", "d"), ("batch", "batch", "d"),
+                  ("step", "step", "s"), ("widths", "widths", "s"), ("seconds", "s/step", ".3f"),
                   ("images_per_sec", "img/s", ".1f"), ("gflops", "GFLOP/s", ".1f"),
                   ("of_peak", "of peak", ".2f"), ("compile_seconds", "compile s", ".1f")],
            notes=[f"float32 matmul peak measured now: {peak:.1f} GFLOP/s"])

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.widths = (1.0, 0.75, 0.5, 0.25)
     config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (TPU/GPU; params stay f32)
     config.model.remat = False  # recompute residual blocks in the backward pass (saves memory)
+    # CPU only: images per device in each weight-gradient convolution (0: the whole batch in
+    # one, XLA's default, which slows down as the batch grows; see ddsm_jax/models/conv.py).
+    config.model.weight_grad_chunk = 4
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddsm_jax.models import macs
+from ddsm_jax.models.conv import conv2d
 
 Array = jax.Array
 
@@ -55,6 +56,7 @@ class SlimConv(nnx.Module):
         self.stride = stride
         self.divisor = divisor
         self.fixed_out = fixed_out
+        self.weight_grad_chunk = 0  # set by the network: see `conv.conv2d`
 
     def channels(self, width: float) -> int:
         if self.fixed_out:
@@ -64,13 +66,11 @@ class SlimConv(nnx.Module):
     def __call__(self, x: Array, width: float) -> Array:
         c_in, c_out = x.shape[-1], self.channels(width)
         kernel = self.kernel[...][:, :, :c_in, :c_out].astype(x.dtype)
-        pad = kernel.shape[0] // 2  # PyTorch-style symmetric padding, also for stride 2
-        y = jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), [(pad, pad), (pad, pad)],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x, kernel, stride=self.stride, weight_grad_chunk=self.weight_grad_chunk)
         y = y + self.bias[...][:c_out].astype(x.dtype)
         batch, height, width_px, _ = y.shape
         size = kernel.shape[0]
+        pad = size // 2
         dense_taps = height * width_px * size**2
         valid_taps = (_valid_taps(x.shape[1], height, size, self.stride, pad)
                       * _valid_taps(x.shape[2], width_px, size, self.stride, pad))

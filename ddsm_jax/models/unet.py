@@ -4,7 +4,8 @@
 `dtype` is the compute dtype (bfloat16 on accelerators): parameters stay float32, each layer
 casts its slice of them, normalisation and softmax statistics run in float32, and epsilon comes
 out in float32. `remat` recomputes each residual block in the backward pass instead of storing
-its activations, for configs whose activations do not fit in memory.
+its activations, for configs whose activations do not fit in memory. `weight_grad_chunk` splits
+each convolution's weight gradient over chunks of the batch on CPU (see `conv.conv2d`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class SlimmableUNet(nnx.Module):
     def __init__(self, *, image_size: int, image_channels: int, ch: int, ch_mult: tuple[int, ...],
                  num_res_blocks: int, attn_resolutions: tuple[int, ...], dropout: float,
                  num_groups: int = 32, dtype: str = "float32", remat: bool = False,
-                 rngs: nnx.Rngs):
+                 weight_grad_chunk: int = 0, rngs: nnx.Rngs):
         self.dtype = compute_dtype(dtype)
         self.remat = remat
         self.image_size = image_size
@@ -169,6 +170,9 @@ class SlimmableUNet(nnx.Module):
         self.up = nnx.List(up)
         self.tail_norm = SlimGroupNorm(now, num_groups)
         self.tail_conv = SlimConv(now, image_channels, 3, fixed_out=True, init_scale=1e-5, rngs=rngs)
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, SlimConv):
+                module.weight_grad_chunk = weight_grad_chunk
 
     def __call__(self, x: Array, t: Array, *, width: float = 1.0,
                  dropout_rng: Array | None = None) -> Array:
@@ -211,4 +215,5 @@ def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlimmableUN
         image_size=config.data.image_size, image_channels=config.data.channels, ch=model.ch,
         ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
         attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
-        num_groups=model.num_groups, dtype=model.dtype, remat=model.remat, rngs=rngs)
+        num_groups=model.num_groups, dtype=model.dtype, remat=model.remat,
+        weight_grad_chunk=model.get("weight_grad_chunk", 0), rngs=rngs)  # older exports lack it

@@ -1,0 +1,78 @@
+"""NHWC convolution whose backward pass stays fast on XLA:CPU.
+
+XLA:CPU computes a convolution's weight gradient as one convolution that contracts over the
+batch, and its speed falls as the batch grows: the CIFAR-10 U-Net's full-width train step at
+batch 32 ran at 61 GFLOP/s with it and at 82 with the gradient summed over chunks of 4 images
+(`python -m benchmarks.train_step --weight_grad_chunks=0,4`). `weight_grad_chunk` turns that
+split on; accelerators' convolutions do not need it, so it applies on the CPU backend only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Chunks per weight gradient at most: each is its own convolution in the compiled program.
+MAX_CHUNKS = 16
+# Smaller feature maps keep one convolution: split, an 8x8 layer's weight gradient ran at
+# under half its whole-batch speed (`python -m benchmarks.conv_gradients`).
+MIN_SPLIT_PIXELS = 16 * 16
+
+
+def _conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def num_chunks(batch: int, chunk: int, devices: int) -> int:
+    """Chunks of about `chunk` images per device that divide the batch (1: no split)."""
+    if chunk <= 0 or batch % devices:
+        return 1
+    per_device = batch // devices
+    most = min(MAX_CHUNKS, per_device // chunk)
+    return max([n for n in range(1, most + 1) if per_device % n == 0], default=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _chunked_grad_conv(x: Array, kernel: Array, stride: int, pad: int, chunks: int) -> Array:
+    return _conv(x, kernel, stride, pad)
+
+
+def _forward(x: Array, kernel: Array, stride: int, pad: int, chunks: int):
+    return _conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _backward(stride: int, pad: int, chunks: int, residuals: tuple[Array, Array], dy: Array):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _conv(x, kernel, stride, pad), x)[1](dy)[0]
+    # Chunk j holds images j, j + chunks, ...: a reshape that keeps every chunk spread evenly
+    # over the devices a batch-sharded step splits the batch across, so no chunk moves data.
+    xs = x.reshape(-1, chunks, *x.shape[1:])
+    dys = dy.reshape(-1, chunks, *dy.shape[1:])
+    dk = jnp.zeros(kernel.shape, jnp.float32)
+    for j in range(chunks):
+        grad = jax.vjp(lambda k, j=j: _conv(xs[:, j], k, stride, pad), kernel)[1](dys[:, j])[0]
+        dk = dk + grad.astype(jnp.float32)
+    return dx, dk.astype(kernel.dtype)
+
+
+_chunked_grad_conv.defvjp(_forward, _backward)
+
+
+def conv2d(x: Array, kernel: Array, *, stride: int = 1, weight_grad_chunk: int = 0) -> Array:
+    """Same-padded (PyTorch-style, also for stride 2) NHWC convolution with an HWIO kernel."""
+    pad = kernel.shape[0] // 2
+    if kernel.shape[0] == 1 and stride == 1:
+        # A matmul over channels; written as one, its weight gradient is a matmul too, which ran
+        # 2-3x faster than XLA:CPU's 1x1 weight-gradient convolution (benchmarks.conv_gradients).
+        return x @ kernel[0, 0]
+    chunks = 1
+    if jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= MIN_SPLIT_PIXELS:
+        chunks = num_chunks(x.shape[0], weight_grad_chunk, jax.device_count())
+    if chunks == 1:
+        return _conv(x, kernel, stride, pad)
+    return _chunked_grad_conv(x, kernel, stride, pad, chunks)
