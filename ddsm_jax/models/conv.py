@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -65,6 +66,8 @@ _chunked_grad_conv.defvjp(_forward, _backward)
 
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, weight_grad_chunk: int = 0) -> Array:
     """Same-padded (PyTorch-style, also for stride 2) NHWC convolution with an HWIO kernel."""
+    chex.assert_rank([x, kernel], 4)
+    chex.assert_axis_dimension(kernel, 2, x.shape[-1])
     pad = kernel.shape[0] // 2
     if kernel.shape[0] == 1 and stride == 1:
         # A matmul over channels; written as one, its weight gradient is a matmul too, which ran
