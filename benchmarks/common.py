@@ -30,13 +30,6 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, Comp
     return statistics.median(times), compiles
 
 
-def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """XLA's own convolution (stride 1, same padding, NHWC), the baseline the benchmarks time."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -> float:
     """The best float32 matmul rate over `sizes`: the ceiling the model's GFLOP/s is read
     against, measured in the same run because these machines are shared and noisy."""

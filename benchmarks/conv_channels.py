@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.common import median_seconds, report, xla_conv
+from benchmarks.common import median_seconds, report
+from ddsm_jax.models.conv import xla_conv
 
 _RESOLUTION = flags.DEFINE_integer("resolution", 32, "Image height and width.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per call.")

@@ -16,8 +16,8 @@ import functools
 import jax
 from absl import app, flags
 
-from benchmarks.common import matmul_peak_gflops, median_seconds, report, xla_conv
-from ddsm_jax.models.conv import conv2d
+from benchmarks.common import matmul_peak_gflops, median_seconds, report
+from ddsm_jax.models.conv import conv2d, xla_conv
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
 _CHUNK = flags.DEFINE_integer("chunk", 4, "model.weight_grad_chunk of the last column.")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ddsm_jax.models.conv import MAX_CHUNKS, conv2d, num_chunks
+from ddsm_jax.models.conv import MAX_CHUNKS, conv2d, num_chunks, xla_conv
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.sharding import BATCH_AXES, make_mesh
 from tests.helpers import tiny_config
@@ -17,6 +17,11 @@ from tests.helpers import tiny_config
     (1024, 4, 1, MAX_CHUNKS), (64, 4, 8, 2), (16, 4, 8, 1), (8, 0, 1, 1), (9, 4, 2, 1)])
 def test_chunks_divide_each_devices_batch(batch, chunk, devices, expected):
     assert num_chunks(batch, chunk, devices) == expected
+
+
+def _convolutions(grad, *args) -> int:
+    """Convolutions in the traced gradient: each weight-gradient chunk adds its own."""
+    return str(jax.make_jaxpr(grad)(*args)).count("conv_general_dilated")
 
 
 def _gradients(x, kernel, stride, chunk):
@@ -34,18 +39,17 @@ def test_chunked_weight_gradient_matches_one_convolution(kernel_size, stride):
     for a, b in zip(whole, chunked, strict=True):  # float32 sums in another order
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
     if kernel_size == 3:  # the split is really taken: a weight-gradient product per chunk
-        def convolutions(chunk):
-            grad = jax.grad(lambda k: jnp.sum(conv2d(x, k, stride=stride,
+        def grad(chunk):
+            return jax.grad(lambda k: jnp.sum(conv2d(x, k, stride=stride,
                                                      weight_grad_chunk=chunk)))
-            return str(jax.make_jaxpr(grad)(kernel)).count("conv_general_dilated")
-        assert convolutions(4) >= convolutions(0) + num_chunks(64, 4, jax.device_count()) - 1
+        assert (_convolutions(grad(4), kernel)
+                >= _convolutions(grad(0), kernel) + num_chunks(64, 4, jax.device_count()) - 1)
+
 
 def test_one_by_one_kernel_is_the_same_product_as_a_convolution():
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
     kernel = jax.random.normal(jax.random.key(1), (1, 1, 16, 8))
-    reference = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(0, 0), (0, 0)],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(conv2d(x, kernel), reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv2d(x, kernel), xla_conv(x, kernel), rtol=1e-5, atol=1e-5)
 
 
 def test_network_gradients_with_chunks_match_and_stay_sharded():
@@ -69,10 +73,9 @@ def test_network_gradients_with_chunks_match_and_stay_sharded():
     def grads(net):
         return jax.jit(jax.grad(loss(net)))(params)
 
-    def convolutions(net):
-        return str(jax.make_jaxpr(jax.grad(loss(net)))(params)).count("conv_general_dilated")
-
-    assert convolutions(chunked_network) > convolutions(network)  # the 16x16 layers split
+    # the 16x16 layers split
+    assert (_convolutions(jax.grad(loss(chunked_network)), params)
+            > _convolutions(jax.grad(loss(network)), params))
 
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
                            grads(network), grads(chunked_network))

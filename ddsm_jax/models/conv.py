@@ -24,7 +24,9 @@ MAX_CHUNKS = 16
 MIN_SPLIT_PIXELS = 16 * 16
 
 
-def _conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+def xla_conv(x: Array, kernel: Array, stride: int = 1) -> Array:
+    """XLA's own convolution, same-padded PyTorch-style (also for stride 2), NHWC and HWIO."""
+    pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad), (pad, pad)],
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -38,25 +40,25 @@ def num_chunks(batch: int, chunk: int, devices: int) -> int:
     return max([n for n in range(1, most + 1) if per_device % n == 0], default=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _chunked_grad_conv(x: Array, kernel: Array, stride: int, pad: int, chunks: int) -> Array:
-    return _conv(x, kernel, stride, pad)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _chunked_grad_conv(x: Array, kernel: Array, stride: int, chunks: int) -> Array:
+    return xla_conv(x, kernel, stride)
 
 
-def _forward(x: Array, kernel: Array, stride: int, pad: int, chunks: int):
-    return _conv(x, kernel, stride, pad), (x, kernel)
+def _forward(x: Array, kernel: Array, stride: int, chunks: int):
+    return xla_conv(x, kernel, stride), (x, kernel)
 
 
-def _backward(stride: int, pad: int, chunks: int, residuals: tuple[Array, Array], dy: Array):
+def _backward(stride: int, chunks: int, residuals: tuple[Array, Array], dy: Array):
     x, kernel = residuals
-    dx = jax.vjp(lambda x: _conv(x, kernel, stride, pad), x)[1](dy)[0]
+    dx = jax.vjp(lambda x: xla_conv(x, kernel, stride), x)[1](dy)[0]
     # Chunk j holds images j, j + chunks, ...: a reshape that keeps every chunk spread evenly
     # over the devices a batch-sharded step splits the batch across, so no chunk moves data.
     xs = x.reshape(-1, chunks, *x.shape[1:])
     dys = dy.reshape(-1, chunks, *dy.shape[1:])
     dk = jnp.zeros(kernel.shape, jnp.float32)
     for j in range(chunks):
-        grad = jax.vjp(lambda k, j=j: _conv(xs[:, j], k, stride, pad), kernel)[1](dys[:, j])[0]
+        grad = jax.vjp(lambda k, j=j: xla_conv(xs[:, j], k, stride), kernel)[1](dys[:, j])[0]
         dk = dk + grad.astype(jnp.float32)
     return dx, dk.astype(kernel.dtype)
 
@@ -65,10 +67,9 @@ _chunked_grad_conv.defvjp(_forward, _backward)
 
 
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, weight_grad_chunk: int = 0) -> Array:
-    """Same-padded (PyTorch-style, also for stride 2) NHWC convolution with an HWIO kernel."""
+    """`xla_conv`, with a 1x1 kernel as a matmul and, on CPU, chunked weight gradients."""
     chex.assert_rank([x, kernel], 4)
     chex.assert_axis_dimension(kernel, 2, x.shape[-1])
-    pad = kernel.shape[0] // 2
     if kernel.shape[0] == 1 and stride == 1:
         # A matmul over channels; written as one, its weight gradient is a matmul too, which ran
         # 2-3x faster than XLA:CPU's 1x1 weight-gradient convolution (benchmarks.conv_gradients).
@@ -77,5 +78,5 @@ def conv2d(x: Array, kernel: Array, *, stride: int = 1, weight_grad_chunk: int =
     if jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= MIN_SPLIT_PIXELS:
         chunks = num_chunks(x.shape[0], weight_grad_chunk, jax.device_count())
     if chunks == 1:
-        return _conv(x, kernel, stride, pad)
-    return _chunked_grad_conv(x, kernel, stride, pad, chunks)
+        return xla_conv(x, kernel, stride)
+    return _chunked_grad_conv(x, kernel, stride, chunks)
