@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128
+    # Images per forward/backward pass, gradients averaged over the batch's microbatches (0: the
+    # whole batch). For batches that do not fit in memory; a multiple of the device count.
+    config.training.microbatch_size = 0
     config.training.num_steps = 450_000
     config.training.learning_rate = 2e-4
     config.training.warmup_steps = 5000

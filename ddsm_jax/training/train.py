@@ -67,6 +67,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     if training.batch_size % mesh.size:
         raise ValueError(f"training.batch_size={training.batch_size} must be a multiple of the "
                          f"{mesh.size} devices it is split over")
+    microbatch_size = training.get("microbatch_size", 0)
+    if microbatch_size and (training.batch_size % microbatch_size or microbatch_size % mesh.size):
+        raise ValueError(f"training.microbatch_size={microbatch_size} must divide "
+                         f"training.batch_size={training.batch_size} and be a multiple of the "
+                         f"{mesh.size} devices; or 0 for no microbatches")
     network, state, state_sharding = _initial_state(config)
     diffusion = diffusion_from_config(config.diffusion)
     data_sharding = batch_sharding(mesh)

@@ -78,25 +78,73 @@ def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: ja
     return per_width.sum(), per_width
 
 
+def split_microbatches(batch: jax.Array, microbatch_size: int) -> jax.Array:
+    """(B, ...) -> (B // microbatch_size, microbatch_size, ...), image i in microbatch i % count.
+
+    Strided rather than contiguous, so that under a batch-sharded jit every microbatch is spread
+    over all devices as the batch is, and slicing one out needs no communication.
+    """
+    if microbatch_size <= 0 or batch.shape[0] % microbatch_size:
+        raise ValueError(f"training.microbatch_size={microbatch_size} does not divide the batch of "
+                         f"{batch.shape[0]}; set it to a divisor, or 0 for the whole batch")
+    count = batch.shape[0] // microbatch_size
+    return jnp.moveaxis(batch.reshape(microbatch_size, count, *batch.shape[1:]), 1, 0)
+
+
+def accumulate_gradients(gradients: Callable, batch: jax.Array, key: jax.Array,
+                         microbatch_size: int, *, unroll: bool | None = None) -> Any:
+    """`gradients(batch, key)` averaged over microbatches of `microbatch_size` images (0: one).
+
+    Why: activations then scale with the microbatch, not the batch, which is what fits a large
+    batch in an accelerator's memory. Each microbatch draws its own randomness from
+    `fold_in(key, index)`. The loop is a `lax.scan` (one compiled body), except on CPU where it
+    is unrolled by default: XLA:CPU ran this scan 14x slower (CIFAR-10, batch 32 as 4 x 8: 347 s
+    a step against 24 s).
+    """
+    if microbatch_size in (0, batch.shape[0]):
+        return gradients(batch, key)
+    parts = split_microbatches(batch, microbatch_size)
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+
+    def add(total: Any, index_and_part: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
+        index, part = index_and_part
+        result = gradients(part, jax.random.fold_in(key, index))
+        return jax.tree_util.tree_map(jnp.add, total, result), None
+
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                   jax.eval_shape(gradients, parts[0], key))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(len(parts)), parts), unroll=unroll)
+    return jax.tree_util.tree_map(lambda x: x / len(parts), total)
+
+
 def make_train_step(network: Network, diffusion: Diffusion, training: ml_collections.ConfigDict,
                     *, state_sharding: Any = None, batch_sharding: NamedSharding | None = None
                     ) -> Callable:
     """Returns `step(state, batch, rng, widths) -> (state, metrics)`, jitted, state donated.
 
     `widths` is static; the key of a step is `fold_in(rng, state.step)`, so a resumed run draws
-    exactly the randomness an uninterrupted one would. With shardings, the step is one SPMD
-    program over their mesh: the batch split across devices, the state as `state_sharding` says.
+    exactly the randomness an uninterrupted one would. With `training.microbatch_size`, the
+    gradients are averaged over microbatches (`accumulate_gradients`). With shardings, the step
+    is one SPMD program over their mesh: the batch split across devices, the state as
+    `state_sharding` says.
     """
     optimizer = make_optimizer(training)
     lr_schedule = learning_rate_schedule(training)
     decay = training.ema_decay
+    microbatch_size = training.get("microbatch_size", 0)
 
     def step(state: TrainState, batch: jax.Array, rng: jax.Array,
              widths: tuple[float, ...]) -> tuple[TrainState, dict[str, jax.Array]]:
         chex.assert_rank(batch, 4)
         key = jax.random.fold_in(rng, state.step)
-        (loss, per_width), grads = jax.value_and_grad(
-            lambda p: sandwich_loss(network, diffusion, p, batch, key, widths), has_aux=True)(state.params)
+
+        def gradients(images: jax.Array, images_key: jax.Array) -> Any:
+            return jax.value_and_grad(
+                lambda p: sandwich_loss(network, diffusion, p, images, images_key, widths),
+                has_aux=True)(state.params)
+
+        (loss, per_width), grads = accumulate_gradients(gradients, batch, key, microbatch_size)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
