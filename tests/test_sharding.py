@@ -34,10 +34,11 @@ def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error():
         make_mesh(config.mesh)
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
-def test_sharded_step_equals_the_single_device_step(fsdp):
+@pytest.mark.parametrize("fsdp,microbatch_size", [(1, 0), (2, 0), (1, 8)])
+def test_sharded_step_equals_the_single_device_step(fsdp, microbatch_size):
     config = tiny_config()
     config.mesh.fsdp = fsdp
+    config.training.microbatch_size = microbatch_size
     network, params = init_network(config, jax.random.key(0))
     diffusion = diffusion_from_config(config.diffusion)
     optimizer = make_optimizer(config.training)
