@@ -11,7 +11,8 @@ the real step: full, narrowest and one middle width in one program. GFLOP/s coun
 model's MACs x 2 (multiply-add) x 3 (forward + two backward products); `of peak` divides it by
 the float32 matmul rate the script measures first. Issue 6's goal: >= 0.5 at CIFAR-10.
 `--weight_grad_chunks` and `--microbatch_sizes` time the same steps with each value of
-`model.weight_grad_chunk` and `training.microbatch_size` side by side.
+`model.weight_grad_chunk` and `training.microbatch_size` side by side; `--middle_widths=0.5`
+times only the sandwich whose third width is 0.5.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Confi
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Global batch sizes to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per row.")
 _SINGLE = flags.DEFINE_bool("single_widths", True, "Also time each width trained alone.")
+_MIDDLES = flags.DEFINE_list("middle_widths", [],
+                             "Time only the sandwiches with these middle widths (default: all).")
 _CHUNKS = flags.DEFINE_list("weight_grad_chunks", [],
                             "model.weight_grad_chunk values to compare (default: the config's).")
 _MICROBATCHES = flags.DEFINE_list("microbatch_sizes", [],
@@ -49,6 +52,12 @@ def _time_steps(config: ml_collections.ConfigDict, rng: jax.Array, peak: float) 
     step = make_train_step(network, diffusion_from_config(config.diffusion), config.training)
     state = TrainState.create(params, make_optimizer(config.training))
     sandwiches = sorted({sandwich_widths(network.widths, config.seed, i) for i in range(64)})
+    if _MIDDLES.value:
+        middles = {f"{s[-1]:g}" for s in sandwiches}
+        if not set(_MIDDLES.value) <= middles:
+            raise app.UsageError(f"--middle_widths={','.join(_MIDDLES.value)}: this config's "
+                                 f"sandwiches have middle widths {','.join(sorted(middles))}")
+        sandwiches = [s for s in sandwiches if f"{s[-1]:g}" in _MIDDLES.value]
     combinations = ([(w,) for w in network.widths] if _SINGLE.value else []) + sandwiches
     rows = []
     for batch_size in map(int, _BATCHES.value):

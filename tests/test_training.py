@@ -58,11 +58,9 @@ def _params_after(config, workdir):
 
 
 def test_training_is_deterministic_and_resume_is_bitwise_identical(tmp_path):
+    # Run c repeats run a's first 4 steps from scratch, then resumes: equal final parameters
+    # need both the same seed to give the same steps and the resume to lose nothing.
     uninterrupted = _params_after(tiny_config(num_steps=8), tmp_path / "a")
-    again = _params_after(tiny_config(num_steps=8), tmp_path / "b")
-    for x, y in zip(uninterrupted, again):
-        np.testing.assert_array_equal(x, y)
-
     _params_after(tiny_config(num_steps=4), tmp_path / "c")  # "killed" after its step-4 checkpoint
     resumed = _params_after(tiny_config(num_steps=8), tmp_path / "c")
     for x, y in zip(uninterrupted, resumed):
