@@ -11,10 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args: str) -> list[dict]:
+def _process(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as documented
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=900, env={**env, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**env, "JAX_PLATFORMS": "cpu"})
+
+
+def _run(*args: str) -> list[dict]:
+    result = _process(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"$ python -m {args[0]}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -28,6 +32,14 @@ def test_train_step_benchmark_reports_throughput_against_the_peak():
     assert [(row["step"], row["widths"], row["chunk"], row["microbatch"]) for row in rows] == [
         ("sandwich", "1/0.25/0.5", 2, 2)]
     assert all(0 < row["of_peak"] < 1 and row["compiles"] >= 1 for row in rows)
+
+
+def test_train_step_benchmark_names_the_middle_widths_it_can_time():
+    result = _process("benchmarks.train_step", "--config=configs/digits.py", "--batches=4",
+                      "--middle_widths=0.3")
+    assert result.returncode != 0
+    assert "--middle_widths=0.3: this config's sandwiches have middle widths 0.5,0.75" in (
+        result.stderr + result.stdout)
 
 
 @pytest.mark.slow

@@ -47,7 +47,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "ddsm_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path}",
          "--config.training.num_steps=100000", "--config.training.batch_size=16",
-         "--config.training.log_every=1", "--config.training.checkpoint_every=100000"],
+         "--config.training.log_every=1", "--config.training.checkpoint_every=100000",
+         # One middle width, so one compile: the signal never waits on a second sandwich's.
+         "--config.model.widths=(1.0,0.5,0.25)"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
