@@ -45,19 +45,26 @@ _MICROBATCHES = flags.DEFINE_list("microbatch_sizes", [],
 TRAIN_FLOPS_PER_MAC = 2 * 3  # multiply-add; forward, input gradient, weight gradient
 
 
-def _time_steps(config: ml_collections.ConfigDict, rng: jax.Array, peak: float) -> list[dict]:
+def _sandwiches(config: ml_collections.ConfigDict) -> list[tuple[float, ...]]:
+    """The sandwiches training draws (one per middle width), narrowed to `--middle_widths`;
+    checked before anything is measured, so a wrong width fails at once."""
+    drawn = sorted({sandwich_widths(config.model.widths, config.seed, i) for i in range(64)})
+    if not _MIDDLES.value:
+        return drawn
+    middles = {f"{s[-1]:g}" for s in drawn}
+    if not set(_MIDDLES.value) <= middles:
+        raise app.UsageError(f"--middle_widths={','.join(_MIDDLES.value)}: this config's "
+                             f"sandwiches have middle widths {','.join(sorted(middles))}")
+    return [s for s in drawn if f"{s[-1]:g}" in _MIDDLES.value]
+
+
+def _time_steps(config: ml_collections.ConfigDict, sandwiches: list[tuple[float, ...]],
+                rng: jax.Array, peak: float) -> list[dict]:
     """One row per batch size and width set, for the network `config` builds."""
     network, params = init_network(config, jax.random.key(0))
     macs = {w: row["total"] for w, row in macs_table(network, params).items()}
     step = make_train_step(network, diffusion_from_config(config.diffusion), config.training)
     state = TrainState.create(params, make_optimizer(config.training))
-    sandwiches = sorted({sandwich_widths(network.widths, config.seed, i) for i in range(64)})
-    if _MIDDLES.value:
-        middles = {f"{s[-1]:g}" for s in sandwiches}
-        if not set(_MIDDLES.value) <= middles:
-            raise app.UsageError(f"--middle_widths={','.join(_MIDDLES.value)}: this config's "
-                                 f"sandwiches have middle widths {','.join(sorted(middles))}")
-        sandwiches = [s for s in sandwiches if f"{s[-1]:g}" in _MIDDLES.value]
     combinations = ([(w,) for w in network.widths] if _SINGLE.value else []) + sandwiches
     rows = []
     for batch_size in map(int, _BATCHES.value):
@@ -83,6 +90,7 @@ def _time_steps(config: ml_collections.ConfigDict, rng: jax.Array, peak: float) 
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
+    sandwiches = _sandwiches(config)
     rng = jax.random.key(1)
     peak = matmul_peak_gflops()
     rows = []
@@ -90,7 +98,7 @@ def main(argv: list[str]) -> None:
         for microbatch in map(int, _MICROBATCHES.value or [config.training.microbatch_size]):
             config.model.weight_grad_chunk = chunk
             config.training.microbatch_size = microbatch
-            rows += _time_steps(config, rng, peak)
+            rows += _time_steps(config, sandwiches, rng, peak)
     report(rows, [("config", "config", "s"), ("chunk", "chunk", "d"),
                   ("microbatch", "microbatch", "d"), ("batch", "batch", "d"),
                   ("step", "step", "s"), ("widths", "widths", "s"), ("seconds", "s/step", ".3f"),
