@@ -4,18 +4,21 @@
     python -m benchmarks.train_step --config=configs/digits.py --batches=8,128
     python -m benchmarks.train_step --batches=8,32 --weight_grad_chunks=0,4 --single_widths=false
     python -m benchmarks.train_step --batches=32 --microbatch_sizes=0,8 --single_widths=false
+    python -m benchmarks.train_step --batches=8,32 --cpu_schedulers=memory,concurrency
 
 Each row is one compiled train step (forward, backward, Adam, EMA), warmed up and then timed
 over `--repeats` steps (median). A single-width row trains that width alone; a sandwich row is
 the real step: full, narrowest and one middle width in one program. GFLOP/s counts the cost
 model's MACs x 2 (multiply-add) x 3 (forward + two backward products); `of peak` divides it by
 the float32 matmul rate the script measures first. Issue 6's goal: >= 0.5 at CIFAR-10.
-`--weight_grad_chunks` and `--microbatch_sizes` time the same steps with each value of
-`model.weight_grad_chunk` and `training.microbatch_size` side by side; `--middle_widths=0.5`
-times only the sandwich whose third width is 0.5.
+`--weight_grad_chunks`, `--microbatch_sizes` and `--cpu_schedulers` time the same steps with
+each value of `model.weight_grad_chunk`, `training.microbatch_size` and `training.cpu_scheduler`
+side by side; `--middle_widths=0.5` times only the sandwich whose third width is 0.5.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import ml_collections
@@ -41,6 +44,8 @@ _CHUNKS = flags.DEFINE_list("weight_grad_chunks", [],
 _MICROBATCHES = flags.DEFINE_list("microbatch_sizes", [],
                                   "training.microbatch_size values to compare (default: the "
                                   "config's; 0 is the whole batch).")
+_SCHEDULERS = flags.DEFINE_list("cpu_schedulers", [],
+                                "training.cpu_scheduler values to compare (default: the config's).")
 
 TRAIN_FLOPS_PER_MAC = 2 * 3  # multiply-add; forward, input gradient, weight gradient
 
@@ -78,7 +83,8 @@ def _time_steps(config: ml_collections.ConfigDict, sandwiches: list[tuple[float,
             seconds, compiles = median_seconds(run, _REPEATS.value)
             gflops = TRAIN_FLOPS_PER_MAC * sum(macs[w] for w in widths) * batch_size / seconds / 1e9
             rows.append({"config": config.data.name, "chunk": config.model.weight_grad_chunk,
-                         "microbatch": config.training.microbatch_size, "batch": batch_size,
+                         "microbatch": config.training.microbatch_size,
+                         "scheduler": config.training.cpu_scheduler, "batch": batch_size,
                          "step": "sandwich" if len(widths) > 1 else "width",
                          "widths": "/".join(f"{w:g}" for w in widths), "seconds": seconds,
                          "images_per_sec": batch_size / seconds, "gflops": gflops,
@@ -94,13 +100,17 @@ def main(argv: list[str]) -> None:
     rng = jax.random.key(1)
     peak = matmul_peak_gflops()
     rows = []
-    for chunk in map(int, _CHUNKS.value or [config.model.weight_grad_chunk]):
-        for microbatch in map(int, _MICROBATCHES.value or [config.training.microbatch_size]):
-            config.model.weight_grad_chunk = chunk
-            config.training.microbatch_size = microbatch
-            rows += _time_steps(config, sandwiches, rng, peak)
+    for chunk, microbatch, scheduler in itertools.product(
+            map(int, _CHUNKS.value or [config.model.weight_grad_chunk]),
+            map(int, _MICROBATCHES.value or [config.training.microbatch_size]),
+            _SCHEDULERS.value or [config.training.cpu_scheduler]):
+        config.model.weight_grad_chunk = chunk
+        config.training.microbatch_size = microbatch
+        config.training.cpu_scheduler = scheduler
+        rows += _time_steps(config, sandwiches, rng, peak)
     report(rows, [("config", "config", "s"), ("chunk", "chunk", "d"),
-                  ("microbatch", "microbatch", "d"), ("batch", "batch", "d"),
+                  ("microbatch", "microbatch", "d"), ("scheduler", "scheduler", "s"),
+                  ("batch", "batch", "d"),
                   ("step", "step", "s"), ("widths", "widths", "s"), ("seconds", "s/step", ".3f"),
                   ("images_per_sec", "img/s", ".1f"), ("gflops", "GFLOP/s", ".1f"),
                   ("of_peak", "of peak", ".2f"), ("compile_seconds", "compile s", ".1f")],

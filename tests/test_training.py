@@ -74,3 +74,24 @@ def test_a_nan_loss_stops_training_with_a_clear_error(tmp_path):
     config.training.learning_rate = float("nan")
     with pytest.raises(NonFiniteLossError, match="learning_rate"):
         train(config, tmp_path)
+
+
+def test_both_cpu_schedulers_compile_the_same_update():
+    """`training.cpu_scheduler` only reorders XLA:CPU's work: an unknown option name would fail
+    to compile, and a scheduler that changed the arithmetic would change the parameters."""
+    config = tiny_config()
+    network, params = init_network(config, jax.random.key(0))
+    diffusion = diffusion_from_config(config.diffusion)
+    batch = jnp.asarray(load_dataset(config.data).train[:16])
+    updated = []
+    for scheduler in ("memory", "concurrency"):
+        config.training.cpu_scheduler = scheduler
+        step = make_train_step(network, diffusion, config.training)
+        fresh = jax.tree_util.tree_map(jnp.copy, params)  # the step donates its state
+        state, _ = step(TrainState.create(fresh, make_optimizer(config.training)), batch,
+                        jax.random.key(1), (1.0,))
+        updated.append(jax.device_get(state.params))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *updated)
+    config.training.cpu_scheduler = "fastest"
+    with pytest.raises(ValueError, match="cpu_scheduler='fastest'.*'memory', 'concurrency'"):
+        make_train_step(network, diffusion, config.training)

@@ -18,6 +18,8 @@ from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network, Params
 from ddsm_jax.training.sharding import state_shardings
 
+CPU_SCHEDULERS = ("memory", "concurrency")  # training.cpu_scheduler (configs/base.py)
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -156,8 +158,22 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
         return new_state, metrics
 
     if batch_sharding is None:
-        return jax.jit(step, static_argnames="widths", donate_argnums=0)
-    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+        platform, shardings = jax.default_backend(), {}
+    else:
+        replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+        platform = batch_sharding.mesh.devices.flat[0].platform
+        shardings = {"in_shardings": (state_sharding, batch_sharding, replicated),
+                     "out_shardings": (state_sharding, replicated)}
     return jax.jit(step, static_argnames="widths", donate_argnums=0,
-                   in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated))
+                   compiler_options=_compiler_options(platform, training), **shardings)
+
+
+def _compiler_options(platform: str, training: ml_collections.ConfigDict) -> dict | None:
+    """XLA:CPU's scheduler as `training.cpu_scheduler` says; other platforms' defaults."""
+    scheduler = training.get("cpu_scheduler", "memory")
+    if scheduler not in CPU_SCHEDULERS:
+        raise ValueError(f"config.training.cpu_scheduler={scheduler!r}: choose one of "
+                         f"{list(CPU_SCHEDULERS)}")
+    if platform != "cpu":
+        return None
+    return {"xla_cpu_enable_concurrency_optimized_scheduler": scheduler == "concurrency"}
