@@ -31,7 +31,12 @@ from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.sandwich import sandwich_widths
-from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+from ddsm_jax.training.train_step import (
+    CPU_SCHEDULERS,
+    TrainState,
+    make_optimizer,
+    make_train_step,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Config file.")
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Global batch sizes to time.")
@@ -46,6 +51,10 @@ _MICROBATCHES = flags.DEFINE_list("microbatch_sizes", [],
                                   "config's; 0 is the whole batch).")
 _SCHEDULERS = flags.DEFINE_list("cpu_schedulers", [],
                                 "training.cpu_scheduler values to compare (default: the config's).")
+# Checked as the flags are parsed: an unknown value would otherwise fail only after the rows of
+# the values before it were measured.
+flags.register_validator("cpu_schedulers", lambda values: set(values) <= set(CPU_SCHEDULERS),
+                         f"--cpu_schedulers takes {','.join(CPU_SCHEDULERS)}")
 
 TRAIN_FLOPS_PER_MAC = 2 * 3  # multiply-add; forward, input gradient, weight gradient
 

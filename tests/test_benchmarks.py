@@ -42,6 +42,14 @@ def test_train_step_benchmark_names_the_middle_widths_it_can_time():
         result.stderr + result.stdout)
 
 
+def test_train_step_benchmark_rejects_an_unknown_scheduler_before_measuring():
+    result = _process("benchmarks.train_step", "--config=configs/digits.py", "--batches=4",
+                      "--cpu_schedulers=memory,fastest")
+    assert result.returncode != 0
+    assert "--cpu_schedulers takes memory,concurrency" in result.stderr + result.stdout
+    assert "peak" not in result.stdout  # nothing was measured
+
+
 @pytest.mark.slow
 def test_sampling_benchmark_reports_time_beside_macs():
     rows = _run("benchmarks.sampling", "--config=configs/digits.py", "--batch=4", "--steps=3",
