@@ -209,9 +209,6 @@ def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = 
     except ValueError as error:
         raise AotError(str(error)) from error
 
-    # conv2d picks its CPU-only weight gradient by the default backend: the host's CPU here.
-    config = config.copy_and_resolve_references()
-    config.model.weight_grad_chunk = 0
     network, abstract_params = abstract_network(config)
     diffusion = diffusion_from_config(config.diffusion)
     state_in, state_sharding = abstract_train_state(abstract_params,

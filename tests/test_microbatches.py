@@ -26,7 +26,7 @@ def test_microbatches_take_every_count_th_image():
         split_microbatches(jnp.zeros((12, 1)), -4)
 
 
-@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("unroll", [True, False, None])
 def test_accumulated_gradients_equal_the_whole_batch_ones(unroll):
     weights = jax.random.normal(jax.random.key(0), (3, 2))
     batch = jax.random.normal(jax.random.key(1), (12, 3))
@@ -41,6 +41,26 @@ def test_accumulated_gradients_equal_the_whole_batch_ones(unroll):
     for ours, reference in zip(jax.tree_util.tree_leaves(accumulated),
                                jax.tree_util.tree_leaves(whole)):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loop_is_unrolled_in_cpu_programs_only():
+    """The default is chosen for the platform a program is lowered for, not the host's: TPU
+    programs compiled ahead of time on a CPU host keep the scan."""
+    weights, batch = jnp.ones((3, 2)), jnp.ones((12, 3))
+
+    def gradients(x, key):
+        del key
+        return jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(weights)
+
+    def loops(platform, unroll=None):
+        step = jax.jit(lambda b: accumulate_gradients(gradients, b, jax.random.key(0), 4,
+                                                      unroll=unroll))
+        return step.trace(batch).lower(lowering_platforms=(platform,)).as_text().count(
+            "stablehlo.while")
+
+    assert loops("cpu") == 0
+    assert loops("tpu") == loops("cuda") == 1
+    assert loops("cpu", unroll=False) == 1 and loops("tpu", unroll=True) == 0
 
 
 def test_a_microbatched_step_averages_each_microbatchs_own_sandwich_loss():

@@ -4,7 +4,9 @@ XLA:CPU computes a convolution's weight gradient as one convolution that contrac
 batch, and its speed falls as the batch grows: the CIFAR-10 U-Net's full-width train step at
 batch 32 ran at 61 GFLOP/s with it and at 82 with the gradient summed over chunks of 4 images
 (`python -m benchmarks.train_step --weight_grad_chunks=0,4`). `weight_grad_chunk` turns that
-split on; accelerators' convolutions do not need it, so it applies on the CPU backend only.
+split on; accelerators' convolutions do not need it, so it applies to CPU programs only, chosen
+as a program is lowered (`jax.lax.platform_dependent`), not by the backend of the process that
+traces it: a TPU program compiled ahead of time on a CPU host keeps XLA's own convolution.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def conv2d(x: Array, kernel: Array, *, stride: int = 1, weight_grad_chunk: int =
         # 2-3x faster than XLA:CPU's 1x1 weight-gradient convolution (benchmarks.conv_gradients).
         return x @ kernel[0, 0]
     chunks = 1
-    if jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= MIN_SPLIT_PIXELS:
+    if x.shape[1] * x.shape[2] >= MIN_SPLIT_PIXELS:
         chunks = num_chunks(x.shape[0], weight_grad_chunk, jax.device_count())
     if chunks == 1:
         return xla_conv(x, kernel, stride)
-    return _chunked_grad_conv(x, kernel, stride, chunks)
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=lambda x, kernel: _chunked_grad_conv(x, kernel, stride, chunks),
+        default=lambda x, kernel: xla_conv(x, kernel, stride))
