@@ -57,3 +57,17 @@ def test_sampling_benchmark_reports_time_beside_macs():
     assert [row["width"] for row in rows] == ["1", "0.75", "0.5", "0.25"]
     assert rows[0]["time_ratio"] == rows[0]["macs_ratio"] == 1.0
     assert rows[-1]["macs_ratio"] < rows[1]["macs_ratio"] < 1.0
+
+
+def test_the_machine_line_names_the_cpu_model_and_its_vector_unit(tmp_path):
+    from benchmarks.common import cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    processor = ("processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+                 "flags\t\t: fpu sse2 avx2 {wide}\n")
+    cpuinfo.write_text(processor.format(n=0, wide="avx512f avx512bw") + "\n"
+                       + processor.format(n=1, wide=""))
+    assert cpu_model(cpuinfo) == "AMD EPYC (family 25, model 17, AVX-512)"
+    cpuinfo.write_text(processor.format(n=0, wide=""))
+    assert cpu_model(cpuinfo) == "AMD EPYC (family 25, model 17, AVX2)"
+    assert cpu_model(tmp_path / "missing")  # no /proc (macOS): the platform name or a placeholder
