@@ -1,4 +1,7 @@
-"""Tiny configs derived from the real ones, so tests exercise the same code paths quickly."""
+"""Test helpers: tiny configs derived from the real ones, so tests exercise the same code paths
+quickly, and what a program lowered for a given platform contains."""
+
+import jax
 
 from configs import digits
 
@@ -21,3 +24,9 @@ def tiny_config(num_steps: int = 8, **model_overrides):
     for name, value in model_overrides.items():
         config.model[name] = value
     return config
+
+
+def lowered_op_count(fn, *args, platform: str, op: str) -> int:
+    """How often StableHLO `op` occurs in `fn(*args)` lowered for `platform` (no device of that
+    platform needed): what platform-dependent code leaves in each platform's program."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text().count(op)

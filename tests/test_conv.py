@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ddsm_jax.models.conv import MAX_CHUNKS, conv2d, num_chunks, xla_conv
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.sharding import BATCH_AXES, make_mesh
-from tests.helpers import tiny_config
+from tests.helpers import lowered_op_count, tiny_config
 
 
 @pytest.mark.parametrize("batch,chunk,devices,expected", [
@@ -21,8 +21,7 @@ def test_chunks_divide_each_devices_batch(batch, chunk, devices, expected):
 
 def _convolutions(grad, *args, platform: str = "cpu") -> int:
     """Convolutions in the gradient lowered for `platform`: each weight-gradient chunk adds one."""
-    lowered = jax.jit(grad).trace(*args).lower(lowering_platforms=(platform,))
-    return lowered.as_text().count("stablehlo.convolution")
+    return lowered_op_count(grad, *args, platform=platform, op="stablehlo.convolution")
 
 
 def _gradients(x, kernel, stride, chunk):

@@ -12,7 +12,7 @@ from ddsm_jax.models.network import init_network
 from ddsm_jax.training.train import train
 from ddsm_jax.training.train_step import (TrainState, accumulate_gradients, make_optimizer,
                                           make_train_step, sandwich_loss, split_microbatches)
-from tests.helpers import tiny_config
+from tests.helpers import lowered_op_count, tiny_config
 
 WIDTHS = (1.0, 0.25, 0.5)
 
@@ -53,10 +53,9 @@ def test_the_loop_is_unrolled_in_cpu_programs_only():
         return jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(weights)
 
     def loops(platform, unroll=None):
-        step = jax.jit(lambda b: accumulate_gradients(gradients, b, jax.random.key(0), 4,
-                                                      unroll=unroll))
-        return step.trace(batch).lower(lowering_platforms=(platform,)).as_text().count(
-            "stablehlo.while")
+        return lowered_op_count(
+            lambda b: accumulate_gradients(gradients, b, jax.random.key(0), 4, unroll=unroll),
+            batch, platform=platform, op="stablehlo.while")
 
     assert loops("cpu") == 0
     assert loops("tpu") == loops("cuda") == 1
