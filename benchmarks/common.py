@@ -50,8 +50,8 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         first = cpuinfo.read_text().split("\n\n")[0]
     except OSError:
         return platform.processor() or "unknown CPU"
-    fields = dict((key.strip(), value.strip()) for key, _, value in
-                  (line.partition(":") for line in first.splitlines()))
+    fields = {key.strip(): value.strip() for key, _, value in
+                  (line.partition(":") for line in first.splitlines())}
     flags = fields.get("flags", "").split()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "

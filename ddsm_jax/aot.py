@@ -39,6 +39,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddsm_jax.utils.cli import run_program
 from ddsm_jax.utils.files import write_text_atomically
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -304,5 +305,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    run_program(main, required=["config", "topology"])

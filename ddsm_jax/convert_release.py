@@ -39,7 +39,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-Params = dict[str, Any]
+from ddsm_jax.common_types import Params
+from ddsm_jax.utils.cli import run_program
 
 TIME_TABLE_KEY = "time_embedding.timembedding.0.weight"
 # The release's EMA update also runs over the frozen table (x <- 0.9999 x + 0.0001 x in float32),
@@ -265,7 +266,7 @@ def main() -> None:
             sys.exit(1)
         print(json.dumps(report))
 
-    app.run(run)
+    run_program(run)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
 from ml_collections import config_flags
 
 from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import abstract_network, param_count
+from ddsm_jax.utils.cli import run_program
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
@@ -29,5 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_program(main, required=["config"])

@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
-from ddsm_jax.models.network import Network, Params, abstract_network, param_count
+from ddsm_jax.models.network import Network, abstract_network, param_count
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
 from ddsm_jax.utils.images import to_uint8
 from ddsm_jax.width_schedule import WidthSchedule, schedule_from_json

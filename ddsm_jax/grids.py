@@ -8,9 +8,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.cost import macs_table
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
 from ddsm_jax.utils.images import make_grid, save_grid
 from ddsm_jax.utils.plots import save_side_by_side

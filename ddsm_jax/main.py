@@ -16,6 +16,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddsm_jax.utils.cli import run_program
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -110,6 +112,10 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def cli() -> None:
+    """The `ddsm-jax` console script."""
+    run_program(main, required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli()

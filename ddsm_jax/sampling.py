@@ -16,9 +16,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion import samplers
 from ddsm_jax.diffusion.schedules import Diffusion
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.width_schedule import WidthSchedule
 
 

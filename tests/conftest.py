@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # even where libtpu is installed 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("DDSM_JAX_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
 
-from ddsm_jax.utils.compilation_cache import enable_compilation_cache  # noqa: E402
+from ddsm_jax.utils.compilation_cache import enable_compilation_cache
 
 enable_compilation_cache()
 

@@ -3,7 +3,7 @@ quickly, and what a program lowered for a given platform contains."""
 
 import jax
 
-from configs import digits
+from ddsm_jax.configs import digits
 
 
 def tiny_config(num_steps: int = 8, **model_overrides):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddsm_jax.training.checkpoint import CheckpointError, Checkpointer
+from ddsm_jax.training.checkpoint import Checkpointer, CheckpointError
 
 
 def _saved(tmp_path):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import cifar10, digits, mnist
+from ddsm_jax.configs import cifar10, digits, mnist
 from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.eval import classifier
 from ddsm_jax.eval.classifier import (

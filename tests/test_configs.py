@@ -29,7 +29,7 @@ PAPER_CONFIGS = {  # name: (parameters, image size)
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_config_builds_and_its_sharded_train_step_lowers(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"ddsm_jax.configs.{name}").get_config()
     expected_params, image_size = PAPER_CONFIGS[name]
     network, params = abstract_network(config)
     if expected_params is not None:

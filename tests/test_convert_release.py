@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10
 from ddsm_jax import export
+from ddsm_jax.configs import cifar10
 from ddsm_jax.convert_release import (
     TIME_TABLE_KEY,
     convert_checkpoint,

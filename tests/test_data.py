@@ -72,7 +72,7 @@ def test_split_is_disjoint_covering_and_seed_controlled():
     train_idx, eval_idx = split_indices(1797, 0.1, split_seed=0)
     assert len(np.intersect1d(train_idx, eval_idx)) == 0
     np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, eval_idx])), np.arange(1797))
-    again_train, again_eval = split_indices(1797, 0.1, split_seed=0)
+    _, again_eval = split_indices(1797, 0.1, split_seed=0)
     np.testing.assert_array_equal(eval_idx, again_eval)
     assert not np.array_equal(eval_idx, split_indices(1797, 0.1, split_seed=1)[1])
 

@@ -317,6 +317,5 @@ def test_missing_afhq_says_where_to_put_it(tmp_path, partial):
 
 
 def test_config_channels_mismatch_for_tfds_set(tmp_path):
-    with tfds.testing.mock_data(num_examples=2):
-        with pytest.raises(ValueError, match="channels=1"):
-            load_dataset(_cfg("cifar10", tmp_path, channels=1))
+    with tfds.testing.mock_data(num_examples=2), pytest.raises(ValueError, match="channels=1"):
+        load_dataset(_cfg("cifar10", tmp_path, channels=1))

@@ -60,7 +60,7 @@ def test_cosine_betas():
     assert betas[-1] == pytest.approx(0.999)  # the clip is active at the end
     alphas_cumprod = np.cumprod(1 - betas)
     # Nichol & Dhariwal: abar_t = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)
-    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
     np.testing.assert_allclose(alphas_cumprod[:500], f(np.arange(1, 501) / 1000) / f(0), rtol=1e-9)
 
 
@@ -92,8 +92,8 @@ def test_diffusion_coefficients_small_case():
 
 
 def test_diffusion_from_config_and_pytree():
-    cfg = ml_collections.ConfigDict(dict(num_timesteps=50, beta_schedule="linear",
-                                         beta_start=1e-3, beta_end=0.05))
+    cfg = ml_collections.ConfigDict({"num_timesteps": 50, "beta_schedule": "linear",
+                                         "beta_start": 1e-3, "beta_end": 0.05})
     d = schedules.diffusion_from_config(cfg)
     assert d.num_timesteps == 50
     np.testing.assert_allclose(np.asarray(d.betas)[[0, -1]], [1e-3, 0.05], rtol=1e-6)
@@ -154,7 +154,7 @@ def test_epsilon_loss_oracle_is_zero():
     t = np.asarray(seen_t[0])
     assert t.dtype == np.int32 and t.min() >= 0 and t.max() < 100 and len(np.unique(t)) > 10
     # The loss is a function of the key: another key gives another draw.
-    wrong = lambda x_t, t: jnp.zeros_like(x_t)  # noqa: E731
+    wrong = lambda x_t, t: jnp.zeros_like(x_t)
     assert float(losses.epsilon_loss(wrong, d, x0, jax.random.PRNGKey(1))) != pytest.approx(
         float(losses.epsilon_loss(wrong, d, x0, jax.random.PRNGKey(2))), abs=1e-7)
 
@@ -255,7 +255,7 @@ def test_ddim_hand_computed(eta):
 def test_ddim_eta_zero_ignores_key_eta_one_does_not():
     d = Diffusion.create(BETAS3)
     ts, ws = np.array([2, 1, 0]), jnp.zeros(3, jnp.int32)
-    run = lambda eta, seed: samplers.ddim_sample(  # noqa: E731
+    run = lambda eta, seed: samplers.ddim_sample(
         [_t_dependent], d, ts, ws, _x_T(), jax.random.PRNGKey(seed), eta=eta)
     np.testing.assert_array_equal(run(0.0, 1), run(0.0, 2))
     assert np.max(np.abs(run(1.0, 1) - run(1.0, 2))) > 1e-3
@@ -332,7 +332,7 @@ def test_common_random_numbers(method):
     # Two separately defined but identical denoisers: the schedule must not change the noise.
     eps_fns = [_scaled(0.2), _scaled(0.2)]
     x_T = _x_T()
-    run = lambda schedule, seed: np.asarray(samplers.sample(  # noqa: E731
+    run = lambda schedule, seed: np.asarray(samplers.sample(
         eps_fns, d, jnp.asarray(schedule, jnp.int32), x_T, jax.random.PRNGKey(seed),
         method=method, timesteps=timesteps, eta=1.0))
     a = run([0, 0, 0, 0, 0], 3)

@@ -44,7 +44,7 @@ def test_schedule_file_round_trip_and_checks(tmp_path, trained):
     assert loaded == schedule
     np.testing.assert_array_equal(sampler.to_indices(loaded), [0] * 4 + [2] * 6)
     # DIR/search/schedule.json is found by default; nothing there means no schedule.
-    kwargs = dict(widths=network.widths, sampler="ddim", timesteps=sampler.timesteps)
+    kwargs = {"widths": network.widths, "sampler": "ddim", "timesteps": sampler.timesteps}
     assert find_schedule(None, tmp_path, **kwargs) == schedule
     assert find_schedule(None, tmp_path / "elsewhere", **kwargs) is None
     with pytest.raises(FileNotFoundError):

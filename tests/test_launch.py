@@ -7,6 +7,7 @@ quoting, nohup, log and pid file are exercised for real.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -160,7 +161,5 @@ def test_the_start_command_runs_detached_with_exact_arguments_and_is_not_doubled
         assert "already running (pid " in again.stdout
     finally:
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            except ProcessLookupError:
-                pass

@@ -82,7 +82,7 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     # One subset holding every sample: the estimator is exactly unbiased MMD^2 on all of them.
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(30, 3)), rng.normal(loc=0.3, size=(30, 3))
-    k = lambda a, b: (a @ b.T / 3 + 1) ** 3  # noqa: E731
+    k = lambda a, b: (a @ b.T / 3 + 1) ** 3
     m = 30
     expected = ((k(x, x).sum() - np.trace(k(x, x))) / (m * (m - 1))
                 + (k(y, y).sum() - np.trace(k(y, y))) / (m * (m - 1)) - 2 * k(x, y).mean())

@@ -10,8 +10,14 @@ from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.train import train
-from ddsm_jax.training.train_step import (TrainState, accumulate_gradients, make_optimizer,
-                                          make_train_step, sandwich_loss, split_microbatches)
+from ddsm_jax.training.train_step import (
+    TrainState,
+    accumulate_gradients,
+    make_optimizer,
+    make_train_step,
+    sandwich_loss,
+    split_microbatches,
+)
 from tests.helpers import lowered_op_count, tiny_config
 
 WIDTHS = (1.0, 0.25, 0.5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import cifar10, digits
+from ddsm_jax.configs import cifar10, digits
 from ddsm_jax.models.cost import macs_table, schedule_cost, width_macs
 from ddsm_jax.models.network import abstract_network, init_network, param_count
 from ddsm_jax.models.slimmable import make_divisible
@@ -50,7 +50,8 @@ def test_analytic_macs_agree_with_xla_cost_analysis(config_module):
     t = jax.ShapeDtypeStruct((2,), jnp.int32)
     for width in network.widths:
         counter = width_macs(network, params, width)
-        lowered = jax.jit(lambda p, x, t: network.apply(p, x, t, width=width)).lower(params, x, t)
+        forward = partial(network.apply, width=width)
+        lowered = jax.jit(forward).lower(params, x, t)
         xla_flops = lowered.cost_analysis()["flops"]
         ours = 2 * 2 * (counter.total - counter.conv_padding)  # 2 images, 2 FLOPs per MAC
         assert abs(ours - xla_flops) / xla_flops < 0.005, (width, ours, xla_flops)

@@ -70,7 +70,7 @@ def test_schedule_output_equals_stepping_the_chosen_widths_by_hand(setup):
 
     x = noise
     alphas = np.asarray(diffusion.alphas_cumprod, np.float64)
-    steps = list(sampler.timesteps) + [-1]
+    steps = [*list(sampler.timesteps), -1]
     for i, width_index in enumerate(schedule):
         t, t_prev = steps[i], steps[i + 1]
         eps = network.apply(params, x, jnp.full((3,), t), width=network.widths[width_index])

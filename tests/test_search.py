@@ -1,6 +1,7 @@
 """The schedule search end to end on a tiny network: outputs, determinism, resume."""
 
 import json
+
 import jax
 import numpy as np
 import pytest

@@ -33,7 +33,7 @@ def test_fit_budget_narrows_until_the_schedule_is_affordable():
         assert np.all(fitted >= row)  # only ever narrower
         # already affordable: untouched
         np.testing.assert_array_equal(genome.fit_budget(rng, fitted, width_cost, 0.3), fitted)
-    repair = lambda row: genome.fit_budget(rng, row, width_cost, 0.5)  # noqa: E731
+    repair = lambda row: genome.fit_budget(rng, row, width_cost, 0.5)
     population = genome.initial_population(rng, 16, 4, 30, 6, repair=repair)
     np.testing.assert_array_equal(population[:4], genome.uniform_schedules(4, 30))
     assert all(width_cost[row].mean() <= 0.5 for row in population[4:])

@@ -10,8 +10,7 @@ from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
 from ddsm_jax.training.sharding import batch_sharding, make_mesh
-from ddsm_jax.training.train_step import (TrainState, make_optimizer, make_train_step,
-                                          sharded_train_state)
+from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step, sharded_train_state
 from tests.helpers import tiny_config
 
 

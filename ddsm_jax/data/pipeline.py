@@ -15,8 +15,17 @@ import numpy as np
 from ddsm_jax.data import embedded
 from ddsm_jax.data.preprocess import crop_then_resize, resize_shorter_then_crop
 from ddsm_jax.data.sources import (  # noqa: F401 - re-exported: the data layer's public names
-    DataNotFoundError, DatasetSpec, EmbeddedData, ImageDataset, ImageFolderData, ImageSource,
-    LazyImages, TfdsData, read_threads, split_indices)
+    DataNotFoundError,
+    DatasetSpec,
+    EmbeddedData,
+    ImageDataset,
+    ImageFolderData,
+    ImageSource,
+    LazyImages,
+    TfdsData,
+    read_threads,
+    split_indices,
+)
 
 # name -> how to open it. A new data set registers here and nowhere else.
 DATASETS: dict[str, DatasetSpec] = {

@@ -218,7 +218,7 @@ class TfdsData:
             if not builder.is_prepared():
                 return f"is not prepared in data_dir {data_dir!r}"
             formats = builder.info.available_file_formats()
-        except Exception:  # noqa: BLE001 - fall back to the original error
+        except Exception:
             return None
         random_access = tfds.core.FileFormat.with_random_access()
         if not formats & random_access:

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddsm_jax.diffusion.schedules import (Diffusion, extract, predict_x0_from_eps,
-                                          q_posterior_mean)
+from ddsm_jax.diffusion.schedules import Diffusion, extract, predict_x0_from_eps, q_posterior_mean
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 

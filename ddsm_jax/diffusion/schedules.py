@@ -69,7 +69,7 @@ class Diffusion:
         # The posterior variance is 0 at t = 0; DDPM replaces it by the t = 1 value before the log.
         posterior_log_variance_clipped = np.log(
             np.append(posterior_variance[1], posterior_variance[1:]))
-        f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+        f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
         return cls(
             betas=f32(betas),
             alphas_cumprod=f32(alphas_cumprod),

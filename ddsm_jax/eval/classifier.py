@@ -31,11 +31,10 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.data.pipeline import DATASETS, EmbeddedData, ImageDataset, load_dataset
 from ddsm_jax.eval.features import FeatureExtractor
 from ddsm_jax.utils.files import write_atomically, write_text_atomically
-
-Params = dict[str, Any]
 
 NUM_CLASSES = 10
 # Bump when the architecture or training code changes what a given config and seed produce,

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ddsm_jax.utils.files import write_atomically
 from ddsm_jax.eval.inception import (
     TORCH_WEIGHTS_NAME,
     check_flat_params,
     load_inception_params,
     param_shapes,
 )
+from ddsm_jax.utils.files import write_atomically
 
 _PTH = flags.DEFINE_string("pth", None, f"pytorch-fid's weights ({TORCH_WEIGHTS_NAME}).")
 _OUT = flags.DEFINE_string("out", "inception_fid.npz", "Where to write our .npz.")

@@ -17,12 +17,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
 from ddsm_jax.eval.metrics import kernel_inception_distance
 from ddsm_jax.models.cost import macs_table, schedule_cost
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
 from ddsm_jax.utils.files import write_text_atomically
 from ddsm_jax.utils.images import make_grid, save_grid

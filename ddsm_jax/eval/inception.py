@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.eval.features import FeatureExtractor
 
 FEATURE_DIM = 2048
@@ -36,7 +37,6 @@ TORCH_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 CONVERT_COMMAND = ("python -m ddsm_jax.eval.convert_inception "
                    f"--pth={TORCH_WEIGHTS_NAME} --out=inception_fid.npz")
 
-Params = dict[str, Any]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -20,6 +20,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddsm_jax.utils.cli import run_program
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the statistics (.npz).")
@@ -79,5 +81,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    run_program(main, required=["config", "out"])

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.models import macs
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 
 
 def width_macs(network: Network, params: Params, width: float) -> macs.MacCounter:

@@ -14,14 +14,15 @@ from collections.abc import Iterator
 CONV_LINEAR = ("conv", "linear")
 OTHER = ("attention", "norm", "activation", "elementwise")
 
-_active_counters: list["MacCounter"] = []
+_active_counters: list[MacCounter] = []
 
 
 @dataclasses.dataclass
 class MacCounter:
     """Multiply-accumulates per category; elementwise work is counted as FLOPs / 2."""
 
-    macs: dict[str, float] = dataclasses.field(default_factory=lambda: {k: 0.0 for k in CONV_LINEAR + OTHER})
+    macs: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(CONV_LINEAR + OTHER, 0.0))
     # Conv MACs that only ever multiply zero padding: part of the paper's count, but skipped by
     # XLA's own cost analysis, which is what this is kept for.
     conv_padding: float = 0.0

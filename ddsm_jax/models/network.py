@@ -13,9 +13,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.models.unet import build_unet
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)

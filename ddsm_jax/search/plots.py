@@ -10,12 +10,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
 
-from ddsm_jax.utils.files import write_atomically  # noqa: E402
-from ddsm_jax.width_schedule import WidthSchedule  # noqa: E402
+from ddsm_jax.utils.files import write_atomically
+from ddsm_jax.width_schedule import WidthSchedule
 
 
 def _save(fig: Any, path: Path) -> Path:

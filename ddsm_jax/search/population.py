@@ -24,10 +24,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion import samplers
-from ddsm_jax.models.network import Params
 from ddsm_jax.sampling import ScheduleSampler
 
 

@@ -10,11 +10,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
 from ddsm_jax.models.cost import macs_table, schedule_cost
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler, initial_noise
 from ddsm_jax.search.population import PopulationSampler
 from ddsm_jax.search.trajectory_cache import TrajectoryCache, keep_steps_for_budget, state_bytes

@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.search import genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
 from ddsm_jax.search.scorer import VALIDATION_NOISE, ScheduleScorer

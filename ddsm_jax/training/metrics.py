@@ -51,7 +51,7 @@ class MetricWriter:
             self._jsonl.close()
             self._tensorboard.close()
 
-    def __enter__(self) -> "MetricWriter":
+    def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

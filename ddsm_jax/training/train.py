@@ -25,8 +25,7 @@ from ddsm_jax.training.metrics import MetricWriter
 from ddsm_jax.training.preemption import PreemptionWatch
 from ddsm_jax.training.sandwich import sandwich_widths
 from ddsm_jax.training.sharding import batch_sharding, global_batch, make_mesh
-from ddsm_jax.training.train_step import (TrainState, make_optimizer, make_train_step,
-                                          sharded_train_state)
+from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step, sharded_train_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
                 elapsed = time.perf_counter() - window_start
                 images_per_sec = window_steps * training.batch_size / elapsed
                 _check_finite(done, float(metrics["loss"]), config)
-                per_width = {f"loss_w{w}": l for w, l in zip(widths, metrics.pop("loss_per_width"))}
+                per_width = {f"loss_w{w}": loss for w, loss in zip(widths, metrics.pop("loss_per_width"))}
                 writer.write_scalars(done, {**metrics, **per_width, "images_per_sec": images_per_sec,
                                             "step_time": elapsed / window_steps})
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")

@@ -13,9 +13,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.losses import epsilon_loss
 from ddsm_jax.diffusion.schedules import Diffusion
-from ddsm_jax.models.network import Network, Params
+from ddsm_jax.models.network import Network
 from ddsm_jax.training.sharding import state_shardings
 
 CPU_SCHEDULERS = ("memory", "concurrency")  # training.cpu_scheduler (configs/base.py)
@@ -29,7 +30,7 @@ class TrainState:
     opt_state: optax.OptState
 
     @classmethod
-    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
                    opt_state=optimizer.init(params))

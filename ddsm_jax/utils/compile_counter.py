@@ -28,7 +28,7 @@ class CompileCounter:
             self.seconds += duration_secs
             self.by_name[str(kwargs.get("fun_name", "?"))] += 1
 
-    def __enter__(self) -> "CompileCounter":
+    def __enter__(self) -> CompileCounter:
         monitoring.register_event_duration_secs_listener(self._listen)
         return self
 

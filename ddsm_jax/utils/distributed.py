@@ -6,6 +6,7 @@ import os
 
 import jax
 
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """Calls `jax.distributed.initialize` when running as several processes, else nothing.

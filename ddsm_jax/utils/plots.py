@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ddsm_jax.utils.files import write_atomically  # noqa: E402
+from ddsm_jax.utils.files import write_atomically
 
 
 def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike) -> Path:

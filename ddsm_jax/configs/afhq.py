@@ -10,7 +10,7 @@ uses the same network (ch=128, ch_mult=(1,2,2,2,4), attention at 16x16, dropout 
         -- --config.data.data_dir=gs://BUCKET/data
 """
 
-from configs import celeba
+from ddsm_jax.configs import celeba
 
 
 def get_config():

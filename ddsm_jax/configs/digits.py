@@ -6,7 +6,7 @@ about ten minutes on two CPU cores; 8 GroupNorm groups so that the 0.25 width st
     python -m ddsm_jax.main --config=configs/digits.py --workdir=/tmp/ddsm_digits
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ Prepare the data once (on a machine with TensorFlow), then run on a TPU pod slic
         -- --config.data.data_dir=gs://BUCKET/tfds
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ dropout 0.1, T=1000 linear betas; batch 256, Adam 4e-4 with 5k warm-up, EMA 0.99
 On one machine: python -m ddsm_jax.main --config=configs/cifar10.py --workdir=DIR
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():

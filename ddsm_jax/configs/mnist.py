@@ -6,7 +6,7 @@ hour or more on two CPU cores for recognisable samples (minutes on one accelerat
     python -m ddsm_jax.main --config=configs/mnist.py --workdir=/tmp/ddsm_mnist
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():

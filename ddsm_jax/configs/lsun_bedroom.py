@@ -11,7 +11,7 @@ parameters, 496 GFLOPs per image. Batch 64, Adam 2e-5 (DDPM's rate for 256x256),
         -- --config.data.data_dir=gs://BUCKET/tfds
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():

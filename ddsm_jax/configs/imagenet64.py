@@ -12,7 +12,7 @@ devices.
         -- --config.data.data_dir=gs://BUCKET/tfds
 """
 
-from configs.base import base_config
+from ddsm_jax.configs.base import base_config
 
 
 def get_config():
