@@ -17,12 +17,12 @@ import json
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks.common import report
+from ddsm_jax.layout import Workdir
 from ddsm_jax.search.search import EvolutionarySearch
 from ddsm_jax.training.train import load_trained
 from ddsm_jax.utils.compile_counter import CompileCounter
@@ -47,9 +47,9 @@ def main(argv: list[str]) -> None:
         if cache_mb is not None:
             config.search.trajectory_cache_mb = cache_mb
         with tempfile.TemporaryDirectory() as scratch:
-            classifier = Path(_WORKDIR.value) / "eval" / "classifier"
+            classifier = Workdir(_WORKDIR.value).classifier
             if classifier.is_dir():
-                shutil.copytree(classifier, Path(scratch) / "eval" / "classifier")
+                shutil.copytree(classifier, Workdir(scratch).classifier)
             start = time.perf_counter()
             with CompileCounter() as compiles:
                 search = EvolutionarySearch(config, scratch, trained.network, trained.diffusion,
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
                 search.run()
             total = time.perf_counter() - start
             history = [json.loads(line) for line in
-                       (Path(scratch) / "search" / "history.jsonl").read_text().splitlines()]
+                       Workdir(scratch).search_history.read_text().splitlines()]
         populations[mode] = [h["best_fitness"] for h in history]
         for h in history:
             rows.append({"mode": mode, "generation": h["generation"], "seconds": h["seconds"],

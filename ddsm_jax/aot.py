@@ -33,14 +33,15 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.utils.cli import run_program
-from ddsm_jax.utils.files import write_text_atomically
+from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -132,8 +133,8 @@ def memory_report(compiled: Any) -> dict[str, float]:
 class ReportCache:
     """Memory reports of compiled programs, one JSON file per program hash."""
 
-    def __init__(self, directory: str | Path | None, topology: str):
-        self.directory = Path(directory) if directory else None
+    def __init__(self, directory: PathLike | None, topology: str):
+        self.directory = epath.Path(directory) if directory else None
         self.salt = json.dumps([topology, importlib.metadata.version("jax"), _libtpu_version()])
 
     def key(self, lowered: Any) -> str:
@@ -146,14 +147,14 @@ class ReportCache:
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            return read_json(path)
         except (OSError, ValueError):
             return None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         if self.directory is None:
             return
-        write_text_atomically(self.directory / f"{key}.json", json.dumps(entry))
+        write_json(self.directory / f"{key}.json", entry, indent=None)
 
 
 def _libtpu_version() -> str:
@@ -180,7 +181,7 @@ def compile_report(jitted: Any, args: Sequence[Any], cache: ReportCache) -> dict
     return {**entry, "cached": False}
 
 
-def compile_programs(config: Any, topology: str, cache_dir: str | Path | None = None
+def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = None
                      ) -> list[dict[str, Any]]:
     """Compiles the train steps and the sampler for `topology`; one report dict per program."""
     import jax
@@ -291,17 +292,14 @@ def main(argv: list[str]) -> None:
     cache_dir = _CACHE_DIR.value
     if cache_dir is None:
         from ddsm_jax.utils.compilation_cache import DEFAULT_DIR
-        cache_dir = Path(DEFAULT_DIR) / "aot_reports"
+        cache_dir = epath.Path(DEFAULT_DIR) / "aot_reports"
     try:
         reports = compile_programs(config, _TOPOLOGY.value, cache_dir)
     except AotError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if _JSON_OUT.value:
-        lines = [json.dumps(r) for r in reports]
-        path = Path(_JSON_OUT.value)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n")
+        write_text_atomically(_JSON_OUT.value, "".join(json.dumps(r) + "\n" for r in reports))
 
 
 if __name__ == "__main__":

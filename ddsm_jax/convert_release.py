@@ -29,18 +29,18 @@ keys: the state_dict cannot tell them apart), and its attention levels are level
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.utils.cli import run_program
+from ddsm_jax.utils.files import read_json
 
 TIME_TABLE_KEY = "time_embedding.timembedding.0.weight"
 # The release's EMA update also runs over the frozen table (x <- 0.9999 x + 0.0001 x in float32),
@@ -166,7 +166,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config) -> Params:
     return params
 
 
-def load_release_checkpoint(path: str | os.PathLike, *, use_ema: bool = True,
+def load_release_checkpoint(path: PathLike, *, use_ema: bool = True,
                             trusted: bool = False) -> dict[str, np.ndarray]:
     """The U-Net state_dict in the release's `.pt`, as numpy arrays under the release's keys.
 
@@ -178,11 +178,12 @@ def load_release_checkpoint(path: str | os.PathLike, *, use_ema: bool = True,
         import torch
     except ImportError:
         raise ImportError("reading the release's .pt needs PyTorch: pip install torch") from None
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+        with path.open("rb") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=not trusted)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         hint = "" if trusted else " (if it is a trusted non-tensor pickle, pass --trust_pickle)"
@@ -214,8 +215,8 @@ def load_release_checkpoint(path: str | os.PathLike, *, use_ema: bool = True,
     return arrays
 
 
-def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, config, *,
-                       schedule: str | os.PathLike | None = None, use_ema: bool = True,
+def convert_checkpoint(checkpoint: PathLike, out: PathLike, config, *,
+                       schedule: PathLike | None = None, use_ema: bool = True,
                        trusted: bool = False) -> dict[str, Any]:
     """The release's `.pt` (and optionally its searched schedule) -> a ddsm_jax export at `out`."""
     from ddsm_jax import export
@@ -232,7 +233,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, co
         if config.sampling.method != "ddpm":
             raise ValueError(f"the release's schedule gives a width per DDPM timestep; set "
                              f"--config.sampling.method=ddpm (not {config.sampling.method})")
-        schedule_data = json.loads(Path(schedule).read_text())
+        schedule_data = read_json(schedule)
     path = export.save(out, config, params, schedule=schedule_data)
     return {"out": str(path), "source": "ema_model" if use_ema else "net_model",
             "num_params": param_count(params),

@@ -1,74 +1,188 @@
-"""A trained DDSM as a standalone artifact: EMA weights, width schedule and config in one folder.
+"""A trained DDSM as a standalone artifact: EMA weights, width schedules and config in one folder.
 
     DIR/export/
-        ddsm_export.json   format, version, widths, image shape, parameter count, training step
+        ddsm_export.json   format, version, widths, image shape, parameter count, training step;
+                           written last: an export without it is incomplete
         config.json        the resolved config (it rebuilds the network and the sampler)
         params/            the EMA parameters (orbax)
-        schedule.json      the per-step widths, when a schedule was searched or given
+        schedule.json      the chosen per-step widths, when a schedule was searched or given
+        front.json         the schedules on offer at each price: every validated schedule of the
+                           search (and full width), with its MACs ratio, validated FD and
+                           measured seconds ratio
         samples.npz        N samples, uint8 NHWC under `arr_0` (guided-diffusion's evaluator format)
 
 `load(path)` needs only the model, diffusion and sampling code, not training, data or search:
 
     from ddsm_jax import export
     model = export.load("DIR/export")
-    images = model.sample(16, seed=0)            # float32 NHWC in [-1, 1], with the schedule
+    images = model.sample(16, seed=0)            # float32 NHWC in [-1, 1], the chosen schedule
+    images = model.sample(16, budget=0.4)        # the best schedule at <= 0.4 of full width's MACs
+
+On a local disk the folder is written beside its target and renamed into place. On an object
+store (gs://), where a rename is not atomic, the old export is removed, the files are written in
+place and the manifest last: an interrupted export is refused as incomplete, never mixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-from pathlib import Path
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from tqdm import tqdm
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
+from ddsm_jax.layout import Stream, stream_key
+from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network, abstract_network, param_count
-from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
+from ddsm_jax.utils.files import (
+    as_path,
+    is_remote,
+    read_json,
+    write_atomically,
+    write_json,
+    write_text_atomically,
+)
 from ddsm_jax.utils.images import to_uint8
 from ddsm_jax.width_schedule import WidthSchedule, schedule_from_json
 
-FORMAT, VERSION = "ddsm_jax.export", 1
-MANIFEST = "ddsm_export.json"
+FORMAT, VERSION = "ddsm_jax.export", 2  # version 2 added front.json; version 1 still loads
+# The files of an export folder (see above).
+MANIFEST, CONFIG, PARAMS, SCHEDULE, FRONT, SAMPLES = (
+    "ddsm_export.json", "config.json", "params", "schedule.json", "front.json", "samples.npz")
 
 
 class ExportError(ValueError):
-    """A folder that is not a ddsm_jax export, or one this version cannot read."""
+    """A folder that is not a ddsm_jax export, one this version cannot read, or a request that
+    no schedule in it can meet."""
 
 
-def save(directory: str | Path, config: ml_collections.ConfigDict, params: Params,
+@dataclasses.dataclass(frozen=True)
+class FrontMember:
+    """One schedule an export offers: its widths, price and (where measured) quality and time."""
+
+    schedule: tuple[int, ...]  # index into the export's widths, per sampling step
+    macs_ratio: float  # mean MACs per step / full width's
+    fd: float | None = None  # validated FD (None: never validated, e.g. a converted release)
+    seconds_ratio: float | None = None  # measured sampling time / full width's
+    chosen: bool = False  # the schedule the search chose (schedule.json)
+
+    def widths(self, widths: Sequence[float]) -> list[float]:
+        return [float(widths[i]) for i in self.schedule]
+
+    def to_json(self, widths: Sequence[float]) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "schedule": list(self.schedule),
+                "widths": self.widths(widths)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FrontMember:
+        return cls(tuple(int(i) for i in data["schedule"]), float(data["macs_ratio"]),
+                   data.get("fd"), data.get("seconds_ratio"), bool(data.get("chosen", False)))
+
+
+def build_front(network: Network, params: Params, sampler: ScheduleSampler,
+                schedule: WidthSchedule | None,
+                validated: Sequence[dict[str, Any]] = ()) -> list[FrontMember]:
+    """Full width, the chosen schedule and every validated schedule (`pareto.json`'s
+    `validated`: dicts with `schedule` and `fd`), each once, by MACs; costs from the network."""
+    total = [row["total"] for row in macs_table(network, params).values()]
+    chosen = tuple(int(i) for i in sampler.to_indices(schedule)) if schedule is not None else None
+    fds: dict[tuple[int, ...], float | None] = {tuple(sampler.uniform(0).tolist()): None}
+    if chosen is not None:
+        fds[chosen] = schedule.figures.get("fd")
+        fds[tuple(sampler.uniform(0).tolist())] = schedule.figures.get("full_fd")
+    for entry in validated:
+        key = tuple(int(i) for i in entry["schedule"])
+        if len(key) != sampler.num_steps or max(key) >= len(network.widths):
+            raise ExportError(f"a validated schedule of {len(key)} steps does not fit this "
+                              f"sampler ({sampler.num_steps} steps) and network; search again")
+        fds[key] = float(entry["fd"])
+    members = [FrontMember(key, schedule_cost(total, key)["macs_ratio"],
+                           None if fd is None else float(fd), chosen=key == chosen)
+               for key, fd in fds.items()]
+    return sorted(members, key=lambda m: (m.macs_ratio, m.schedule))
+
+
+def choose(front: Sequence[FrontMember], *, budget: float | None = None,
+           seconds_budget: float | None = None, where: str = "the export") -> FrontMember:
+    """The best member within the budgets: the lowest validated FD, or where members have none,
+    the most MACs (more compute, no worse a sampler). No budget: the chosen schedule."""
+    if budget is None and seconds_budget is None:
+        return next((m for m in front if m.chosen), max(front, key=lambda m: m.macs_ratio))
+    candidates = list(front)
+    if seconds_budget is not None:
+        unmeasured = [m for m in candidates if m.seconds_ratio is None]
+        if unmeasured:
+            raise ExportError(f"{where} has no measured sampling times; choose by --budget (MACs) "
+                              f"or export again with `--mode=export`")
+        candidates = _within(candidates, "seconds_ratio", seconds_budget, where, "seconds")
+    if budget is not None:
+        candidates = _within(candidates, "macs_ratio", budget, where, "MACs")
+    return min(candidates, key=lambda m: (m.fd is None, m.fd if m.fd is not None else -m.macs_ratio,
+                                          -m.macs_ratio))
+
+
+def _within(members: list[FrontMember], field: str, budget: float, where: str,
+            unit: str) -> list[FrontMember]:
+    inside = [m for m in members if getattr(m, field) <= budget + 1e-9]
+    if not inside:
+        cheapest = min(getattr(m, field) for m in members)
+        raise ExportError(f"no schedule in {where} samples at {budget:g} of full width's {unit}; "
+                          f"the cheapest costs {cheapest:.3f}: ask for at least that")
+    return inside
+
+
+def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
          schedule: WidthSchedule | dict | None = None, *, step: int | None = None,
-         samples: np.ndarray | None = None) -> Path:
-    """Writes the export next to `directory` and renames it into place, so a crash midway leaves
-    the previous export (or nothing), never half of one."""
-    directory = Path(directory).absolute()
+         samples: np.ndarray | None = None,
+         front: Sequence[FrontMember] | None = None) -> epath.Path:
+    """Writes the export (see the module docstring for how it stays whole). Without `front`,
+    it offers full width and the schedule."""
+    directory = as_path(directory)
     network, abstract = abstract_network(config)
     _check_params(params, abstract)
+    sampler = _sampler(config, network)
     if isinstance(schedule, dict):
         schedule = schedule_from_json(schedule, widths=network.widths,
                                       sampler=config.sampling.method,
-                                      timesteps=_sampler(config, network).timesteps)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp / "params", jax.device_get(params))
-    if schedule is not None:
-        schedule.save(tmp / "schedule.json")
-    if samples is not None:
-        np.savez(tmp / "samples.npz", arr_0=samples)
+                                      timesteps=sampler.timesteps)
+    if front is None:
+        front = build_front(network, params, sampler, schedule)
     manifest = {"format": FORMAT, "version": VERSION, "widths": list(network.widths),
                 "image_shape": list(network.image_shape), "num_params": param_count(params),
                 "step": step, "has_schedule": schedule is not None}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    def write_into(folder: epath.Path) -> None:
+        write_text_atomically(folder / CONFIG, config.to_json_best_effort(indent=2))
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(folder / PARAMS, jax.device_get(params))
+        if schedule is not None:
+            schedule.save(folder / SCHEDULE)
+        write_json(folder / FRONT, [m.to_json(network.widths) for m in front])
+        if samples is not None:
+            write_atomically(folder / SAMPLES, lambda handle: np.savez(handle, arr_0=samples))
+        write_json(folder / MANIFEST, manifest)  # last: the export is complete
+
+    if is_remote(directory):
+        if (directory / MANIFEST).exists():
+            (directory / MANIFEST).unlink()  # from here on, readers see an incomplete export
+        if directory.exists():
+            directory.rmtree()
+        write_into(directory)
+        return directory
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_into(tmp)
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")
     if directory.exists():
         directory.rename(old)
@@ -96,9 +210,17 @@ class ExportedModel:
     params: Params
     schedule: WidthSchedule | None
     manifest: dict[str, Any]
+    front: list[FrontMember] = dataclasses.field(default_factory=list)
+    source: str = "the export"
 
     def __post_init__(self):
         self.sampler = _sampler(self.config, self.network)
+
+    def choose(self, *, budget: float | None = None,
+               seconds_budget: float | None = None) -> FrontMember:
+        """The schedule `sample` runs for these budgets (fractions of full width's MACs or
+        measured seconds); see `choose`."""
+        return choose(self.front, budget=budget, seconds_budget=seconds_budget, where=self.source)
 
     def schedule_indices(self, schedule: str | np.ndarray = "auto") -> np.ndarray:
         """'auto': the exported schedule if there is one, else full width; 'full'; or indices."""
@@ -111,24 +233,32 @@ class ExportedModel:
         return np.asarray(schedule, np.int32)
 
     def sample(self, num_samples: int, *, seed: int = 0, schedule: str | np.ndarray = "auto",
-               batch_size: int | None = None) -> np.ndarray:
-        """float32 NHWC images in [-1, 1] (`ddsm_jax.utils.images.to_uint8` makes pixels)."""
-        key = jax.random.key(seed)
-        noise = initial_noise(jax.random.fold_in(key, 0), num_samples, self.network.image_shape)
+               budget: float | None = None, seconds_budget: float | None = None,
+               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """float32 NHWC images in [-1, 1] (`ddsm_jax.utils.images.to_uint8` makes pixels). With
+        `budget` or `seconds_budget`, the best schedule on offer within it (see `choose`)."""
+        if budget is not None or seconds_budget is not None:
+            schedule = np.asarray(self.choose(budget=budget, seconds_budget=seconds_budget)
+                                  .schedule, np.int32)
+        noise, sample_key = stream_draws(jax.random.key(seed), num_samples,
+                                         self.network.image_shape)
         return sample_in_batches(self.sampler, self.params, self.schedule_indices(schedule), noise,
-                                 jax.random.fold_in(key, 1),
-                                 batch_size or self.config.sampling.batch_size)
+                                 sample_key, batch_size or self.config.sampling.batch_size,
+                                 progress=progress)
 
 
-def load(path: str | Path) -> ExportedModel:
-    path = Path(path)
+def load(path: PathLike) -> ExportedModel:
+    path = epath.Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
+        if (path / CONFIG).exists() or (path / PARAMS).exists():
+            raise ExportError(f"{path} holds an incomplete export (no {MANIFEST}: it was "
+                              f"interrupted); export again with `--mode=export`")
         raise ExportError(f"{path} is not a ddsm_jax export (no {MANIFEST}); make one with "
                           f"`python -m ddsm_jax.main --mode=export --workdir=DIR`")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+        manifest = read_json(manifest_path)
+        config = ml_collections.ConfigDict(read_json(path / CONFIG))
     except (OSError, ValueError) as error:
         raise ExportError(f"{path}: unreadable export metadata: {error}") from error
     if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
@@ -141,27 +271,60 @@ def load(path: str | Path) -> ExportedModel:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore((path / "params").absolute(), target)
+            params = checkpointer.restore(as_path(path / PARAMS), target)
     except Exception as error:  # orbax raises many types; the user needs one line
-        raise ExportError(f"cannot read the parameters in {path / 'params'}: "
+        raise ExportError(f"cannot read the parameters in {path / PARAMS}: "
                           f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
     schedule = None
-    if (path / "schedule.json").is_file():
-        schedule = schedule_from_json(json.loads((path / "schedule.json").read_text()))
-    return ExportedModel(config, network, diffusion_from_config(config.diffusion), params,
-                         schedule, manifest)
+    if (path / SCHEDULE).is_file():
+        schedule = schedule_from_json(read_json(path / SCHEDULE))
+    model = ExportedModel(config, network, diffusion_from_config(config.diffusion), params,
+                          schedule, manifest, source=str(path))
+    if (path / FRONT).is_file():
+        model.front = [FrontMember.from_json(entry) for entry in read_json(path / FRONT)]
+    else:  # version 1: full width and the schedule
+        model.front = build_front(network, params, model.sampler, schedule)
+    return model
 
 
-def export_run(config: ml_collections.ConfigDict, directory: str | Path, network: Network,
+def measure_seconds(sampler: ScheduleSampler, params: Params, front: Sequence[FrontMember],
+                    noise: jax.Array, key: jax.Array, *, repeats: int = 3,
+                    progress: bool = True) -> list[FrontMember]:
+    """`front` with each member's sampling time for one batch (`noise`), as a ratio to full
+    width's: compiled and warmed up first, then the median of `repeats` runs."""
+
+    def seconds(schedule: Sequence[int]) -> float:
+        jax.block_until_ready(sampler(params, schedule, noise, key))  # compile, warm up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(sampler(params, schedule, noise, key))
+            runs.append(time.perf_counter() - start)
+        return float(np.median(runs))
+
+    full = seconds(sampler.uniform(0))
+    return [dataclasses.replace(m, seconds_ratio=round(seconds(m.schedule) / full, 4))
+            for m in tqdm(front, desc="timing the front", unit="schedule", disable=not progress,
+                          leave=False)]
+
+
+def export_run(config: ml_collections.ConfigDict, directory: PathLike, network: Network,
                diffusion: Diffusion, params: Params, schedule: WidthSchedule | None, *,
-               step: int | None = None, progress: bool = True) -> Path:
-    """`--mode=export`: the artifact plus `config.export.num_samples` samples drawn with the
-    schedule (full width without one), as uint8 for guided-diffusion's evaluator."""
-    model = ExportedModel(config, network, diffusion, jax.device_get(params), schedule, {})
-    key = jax.random.fold_in(jax.random.key(config.seed), 4)
-    noise = initial_noise(jax.random.fold_in(key, 0), config.export.num_samples,
-                          network.image_shape)
-    images = sample_in_batches(model.sampler, model.params, model.schedule_indices(), noise,
-                               jax.random.fold_in(key, 1), config.sampling.batch_size,
-                               progress=progress)
-    return save(directory, config, params, schedule, step=step, samples=to_uint8(images))
+               validated: Sequence[dict[str, Any]] = (), step: int | None = None,
+               progress: bool = True) -> epath.Path:
+    """`--mode=export`: the artifact, its front with measured times, and
+    `config.export.num_samples` samples drawn with the schedule (full width without one), as
+    uint8 for guided-diffusion's evaluator."""
+    params = jax.device_get(params)
+    model = ExportedModel(config, network, diffusion, params, schedule, {})
+    key = stream_key(config.seed, Stream.EXPORT)
+    noise, sample_key = stream_draws(key, config.export.num_samples, network.image_shape)
+    images = sample_in_batches(model.sampler, params, model.schedule_indices(), noise,
+                               sample_key, config.sampling.batch_size, progress=progress)
+    front = build_front(network, params, model.sampler, schedule, validated)
+    timing_noise = initial_noise(jax.random.fold_in(key, 2), config.sampling.batch_size,
+                                 network.image_shape)
+    front = measure_seconds(model.sampler, params, front, timing_noise, sample_key,
+                            progress=progress)
+    return save(directory, config, params, schedule, step=step, samples=to_uint8(images),
+                front=front)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.layout import Stream, stream_key
 from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import Network
-from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.sampling import ScheduleSampler, sample_in_batches, stream_draws
 from ddsm_jax.utils.images import make_grid, save_grid
 from ddsm_jax.utils.plots import save_side_by_side
 
@@ -27,10 +26,8 @@ class WidthGrids:
         self.network = network
         self.batch_size = config.sampling.batch_size
         self.sampler = ScheduleSampler(network, diffusion, config.sampling)
-        key = jax.random.fold_in(jax.random.key(config.seed), 2)
-        self.noise = initial_noise(jax.random.fold_in(key, 0), config.sampling.num_samples,
-                                   network.image_shape)
-        self.key = jax.random.fold_in(key, 1)
+        self.noise, self.key = stream_draws(stream_key(config.seed, Stream.GRIDS),
+                                            config.sampling.num_samples, network.image_shape)
         self.costs = None
 
     def sample(self, params: Params) -> list[np.ndarray]:
@@ -38,14 +35,14 @@ class WidthGrids:
                                   self.key, self.batch_size)
                 for index in range(len(self.network.widths))]
 
-    def draw(self, params: Params, out_dir: Path) -> tuple[list[Path], np.ndarray]:
+    def draw(self, params: Params, out_dir: PathLike) -> tuple[list[epath.Path], np.ndarray]:
         """Writes the PNGs; returns their paths and the side-by-side grid of all widths."""
         if self.costs is None:
             self.costs = macs_table(self.network, params)
         paths, grids, titles = [], [], []
         for width, images in zip(self.network.widths, self.sample(params)):
-            paths.append(save_grid(images, Path(out_dir) / f"width_{width}.png"))
+            paths.append(save_grid(images, epath.Path(out_dir) / f"width_{width}.png"))
             grids.append(make_grid(images, padding=1, scale=4))
             titles.append(f"width {width}: {self.costs[width]['conv_linear'] / 1e6:.1f} MMACs")
-        paths.append(save_side_by_side(grids, titles, Path(out_dir) / "widths.png"))
+        paths.append(save_side_by_side(grids, titles, epath.Path(out_dir) / "widths.png"))
         return paths, np.concatenate(grids, axis=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,38 +39,40 @@ def run(config, workdir: str, mode: str) -> None:
     # Imported here so that `--help` and flag errors answer without loading JAX.
     import jax
 
+    from ddsm_jax.layout import Workdir
     from ddsm_jax.training.train import load_trained, train
+    from ddsm_jax.utils.files import check_storage, write_text_atomically
 
+    check_storage(workdir)  # a gs:// workdir that cannot be reached fails here, in seconds
     is_main = jax.process_index() == 0
-    workdir_path = Path(workdir)
+    layout = Workdir(workdir)
     if is_main:
-        workdir_path.mkdir(parents=True, exist_ok=True)
-        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+        write_text_atomically(layout.config, config.to_json_best_effort(indent=2))
     trains = mode in ("train", "all")
-    result = train(config, workdir_path) if trains else load_trained(config, workdir_path)
+    result = train(config, layout.root) if trains else load_trained(config, layout.root)
     # Sampling, search, evaluation and export run on process 0 over its local devices.
     if result.preempted or not is_main:
         return
     for stage in STAGES[mode]:
-        report = run_stage(stage, config, workdir_path, result)
+        report = run_stage(stage, config, layout, result)
         print(json.dumps({"stage": stage, "step": int(result.state.step), **report}), flush=True)
 
 
-def run_stage(stage: str, config, workdir: Path, result) -> dict:
+def run_stage(stage: str, config, layout, result) -> dict:
     """One stage on the trained EMA weights; returns what the user should see of it."""
     params = result.state.ema_params
     if stage == "grids":
         from ddsm_jax.grids import WidthGrids
 
         paths, _ = WidthGrids(config, result.network, result.diffusion).draw(
-            params, workdir / "samples")
+            params, layout.samples)
         return {"samples": [str(p) for p in paths]}
     if stage == "search":
         from ddsm_jax.search.search import EvolutionarySearch
 
-        schedule = EvolutionarySearch(config, workdir, result.network, result.diffusion,
+        schedule = EvolutionarySearch(config, layout.root, result.network, result.diffusion,
                                       params).run()
-        return {"schedule": str(workdir / "search" / "schedule.json"),
+        return {"schedule": str(layout.schedule),
                 **{k: schedule.figures[k] for k in ("fd", "full_fd", "macs_ratio",
                                                     "network_evaluations",
                                                     "naive_network_evaluations")}}
@@ -79,20 +80,22 @@ def run_stage(stage: str, config, workdir: Path, result) -> dict:
     from ddsm_jax.width_schedule import find_schedule
 
     sampler = ScheduleSampler(result.network, result.diffusion, config.sampling)
-    schedule = find_schedule(config.eval.schedule, workdir, widths=result.network.widths,
+    schedule = find_schedule(config.eval.schedule, layout.root, widths=result.network.widths,
                              sampler=sampler.method, timesteps=sampler.timesteps)
     if stage == "evaluate":
         from ddsm_jax.eval.evaluate import evaluate
 
-        metrics = evaluate(config, workdir, result.network, result.diffusion, params,
+        metrics = evaluate(config, layout.root, result.network, result.diffusion, params,
                            schedule=schedule)
-        return {"metrics": str(workdir / "eval" / "metrics.json"),
+        return {"metrics": str(layout.eval_metrics),
                 **{k: metrics[k] for k in ("full", "uniform", "schedule", "noise")
                    if k in metrics}}
     from ddsm_jax.export import export_run
+    from ddsm_jax.utils.files import read_json
 
-    path = export_run(config, workdir / "export", result.network, result.diffusion, params,
-                      schedule, step=int(result.state.step))
+    validated = read_json(layout.pareto).get("validated", []) if layout.pareto.exists() else []
+    path = export_run(config, layout.export, result.network, result.diffusion, params,
+                      schedule, validated=validated, step=int(result.state.step))
     return {"export": str(path)}
 
 
@@ -107,7 +110,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as error:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

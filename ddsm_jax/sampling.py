@@ -81,6 +81,14 @@ def initial_noise(key: jax.Array, num_samples: int, image_shape: tuple[int, ...]
     return jax.random.normal(key, (num_samples, *image_shape), jnp.float32)
 
 
+def stream_draws(key: jax.Array, num_samples: int,
+                 image_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(initial images, per-step noise key) of a sampling stream (`ddsm_jax.layout.Stream`):
+    sub-streams 0 and 1 of `key`, so that every stage draws its samples the same way."""
+    return (initial_noise(jax.random.fold_in(key, 0), num_samples, image_shape),
+            jax.random.fold_in(key, 1))
+
+
 def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequence[int],
                       noise: jax.Array, key: jax.Array, batch_size: int, *,
                       progress: bool = False) -> np.ndarray:

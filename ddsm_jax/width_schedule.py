@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from ddsm_jax.utils.files import write_text_atomically
+from ddsm_jax.common_types import PathLike
+from ddsm_jax.layout import Workdir
+from ddsm_jax.utils.files import write_json
 
 
 class ScheduleError(ValueError):
@@ -67,8 +69,8 @@ class WidthSchedule:
                 "timesteps": list(self.timesteps), "sampler": self.sampler,
                 "num_steps": self.num_steps, **self.figures}
 
-    def save(self, path: str | Path) -> Path:
-        return write_text_atomically(path, json.dumps(self.to_json(), indent=1))
+    def save(self, path: PathLike) -> epath.Path:
+        return write_json(path, self.to_json())
 
 
 def schedule_from_json(data: dict[str, Any], *, widths: Sequence[float] | None = None,
@@ -103,8 +105,8 @@ def schedule_from_json(data: dict[str, Any], *, widths: Sequence[float] | None =
         raise ScheduleError(f"a schedule file needs the key {error}") from error
 
 
-def load_schedule(path: str | Path, **kwargs: Any) -> WidthSchedule:
-    path = Path(path)
+def load_schedule(path: PathLike, **kwargs: Any) -> WidthSchedule:
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no schedule file at {path}")
     try:
@@ -117,13 +119,13 @@ def load_schedule(path: str | Path, **kwargs: Any) -> WidthSchedule:
         raise ScheduleError(f"{path}: {error}") from error
 
 
-def find_schedule(explicit_path: str | None, workdir: str | Path, *, widths: Sequence[float],
+def find_schedule(explicit_path: str | None, workdir: PathLike, *, widths: Sequence[float],
                   sampler: str, timesteps: Sequence[int]) -> WidthSchedule | None:
     """The schedule a run should use: the path given, else `DIR/search/schedule.json`, else none.
 
     A schedule made for another sampler or step count is an error, not silently ignored.
     """
-    path = Path(explicit_path) if explicit_path else Path(workdir) / "search" / "schedule.json"
+    path = epath.Path(explicit_path) if explicit_path else Workdir(workdir).schedule
     if not explicit_path and not path.is_file():
         return None
     schedule = load_schedule(path, widths=widths, sampler=sampler, timesteps=timesteps)

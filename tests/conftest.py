@@ -14,25 +14,26 @@ from ddsm_jax.utils.compilation_cache import enable_compilation_cache
 
 enable_compilation_cache()
 
-
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def digits_classifier(tmp_path_factory):
     """The digits domain classifier, trained once per session; `install(workdir)` copies its
-    cache into a workdir so evaluation and search there read it instead of training."""
+    cache into a workdir (local or gs://) so evaluation and search there read it instead of
+    training."""
     from ddsm_jax.eval.classifier import domain_extractor
+    from ddsm_jax.layout import Workdir
     from tests.helpers import tiny_config
 
     source = tmp_path_factory.mktemp("classifier")
     domain_extractor(tiny_config(), source, progress=False)
 
-    def install(workdir: Path) -> None:
-        target = Path(workdir) / "eval" / "classifier"
+    def install(workdir) -> None:  # a local path or gs://
+        target = Workdir(workdir).classifier
         if not target.exists():
-            shutil.copytree(source / "eval" / "classifier", target)
+            target.mkdir(parents=True, exist_ok=True)
+            for cached in Workdir(source).classifier.iterdir():
+                (target / cached.name).write_bytes(cached.read_bytes())
 
     return install

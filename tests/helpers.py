@@ -1,5 +1,5 @@
-"""Test helpers: tiny configs derived from the real ones, so tests exercise the same code paths
-quickly, and what a program lowered for a given platform contains."""
+"""Test helpers: tiny configs derived from the real ones (`configs/digits.py:tiny`), so tests
+exercise the same code paths quickly, and what a program lowered for a given platform contains."""
 
 import jax
 
@@ -7,18 +7,13 @@ from ddsm_jax.configs import digits
 
 
 def tiny_config(num_steps: int = 8, **model_overrides):
-    config = digits.get_config()
-    config.model.ch = 32
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.num_groups = 4
+    """`configs/digits.py:tiny` with the few training steps and small batches a test needs."""
+    config = digits.get_config("tiny")
     config.training.batch_size = 16
     config.training.num_steps = num_steps
     config.training.warmup_steps = 2
     config.training.log_every = 2
     config.training.checkpoint_every = 4
-    config.sampling.num_steps = 10
     config.sampling.num_samples = 8
     config.sampling.batch_size = 8
     for name, value in model_overrides.items():

@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     # on fresh noise and more samples, and the choice is made on those scores (0 = don't).
     config.search.validation_samples = 10000
     config.search.validation_candidates = 8
+    # Members of the front, spread over MACs, also validated (with every uniform width): the
+    # choice of price an export offers at sampling time (`python -m ddsm_jax.sample --budget`).
+    config.search.validation_front = 8
 
     config.export = ml_collections.ConfigDict()
     config.export.num_samples = 50_000  # samples.npz, the input of guided-diffusion's evaluator

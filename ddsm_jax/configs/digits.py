@@ -1,15 +1,20 @@
 """The embedded default: scikit-learn's 1,797 real 8x8 handwritten digits, trained on a CPU.
 
 A small slimmable U-Net (8x8 -> 4x4 with attention at 4x4) sized so that the whole run fits in
-about ten minutes on two CPU cores; 8 GroupNorm groups so that the 0.25 width still divides.
+about ten minutes on two CPU cores; 4 GroupNorm groups so that the 0.25 width still divides.
 
     python -m ddsm_jax.main --config=configs/digits.py --workdir=/tmp/ddsm_digits
+
+`configs/digits.py:tiny` is the same network, data and stages, shrunk to a first result in about
+a minute (fewer steps, samples and generations); the tests derive their configs from it:
+
+    python -m ddsm_jax.main --config=configs/digits.py:tiny --workdir=/tmp/ddsm_tiny --mode=all
 """
 
 from ddsm_jax.configs.base import base_config
 
 
-def get_config():
+def get_config(variant: str = ""):
     config = base_config()
     config.data.name = "digits"
     config.data.image_size = 8
@@ -53,4 +58,35 @@ def get_config():
     config.search.num_samples = 256
     config.search.num_piecewise = 6
     config.search.validation_samples = 1000
+    if variant == "tiny":
+        return tiny(config)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/digits.py; use '' or 'tiny'")
+    return config
+
+
+def tiny(config):
+    """The one-minute run: a few hundred steps, ten sampling steps, hundreds of samples."""
+    config.training.batch_size = 32
+    config.training.num_steps = 200
+    config.training.learning_rate = 2e-3
+    config.training.warmup_steps = 20
+    config.training.ema_decay = 0.98
+    config.training.log_every = 25
+    config.training.checkpoint_every = 200
+
+    config.sampling.num_steps = 10
+    config.sampling.num_samples = 16
+    config.sampling.batch_size = 100
+
+    config.eval.num_samples = 200
+    config.export.num_samples = 100
+
+    config.search.population_size = 8
+    config.search.generations = 2
+    config.search.num_samples = 64
+    config.search.num_piecewise = 2
+    config.search.validation_samples = 200
+    config.search.validation_candidates = 2
+    config.search.validation_front = 3
     return config

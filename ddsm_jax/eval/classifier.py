@@ -19,7 +19,6 @@ import math
 import time
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import chex
@@ -28,13 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.data.pipeline import DATASETS, EmbeddedData, ImageDataset, load_dataset
 from ddsm_jax.eval.features import FeatureExtractor
-from ddsm_jax.utils.files import write_atomically, write_text_atomically
+from ddsm_jax.layout import Workdir
+from ddsm_jax.utils.files import read_json, write_atomically, write_json
 
 NUM_CLASSES = 10
 # Bump when the architecture or training code changes what a given config and seed produce,
@@ -229,6 +230,9 @@ def train_classifier(dataset: ImageDataset, settings: ClassifierSettings = Class
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
     order = _batch_indices(num_train, batch_size, num_steps, seed)
+    # Compiled before the progress bar starts, so that its rate and ETA leave compilation out.
+    train_step = train_step.lower(params, opt_state, images, labels, jnp.int32(0),
+                                  jnp.asarray(order[0])).compile()
     with tqdm(total=num_steps, desc=f"classifier {dataset.name}", unit="step",
               disable=not progress) as bar:
         for step in range(num_steps):
@@ -287,12 +291,12 @@ def cache_key(config: ml_collections.ConfigDict, settings: ClassifierSettings, s
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_paths(config: ml_collections.ConfigDict, workdir: str | Path,
+def cache_paths(config: ml_collections.ConfigDict, workdir: PathLike,
                 settings: ClassifierSettings = ClassifierSettings(),
-                seed: int = 0) -> tuple[Path, Path]:
+                seed: int = 0) -> tuple[epath.Path, epath.Path]:
     """(weights .npz, info .json) of this config's classifier under `<workdir>/eval/classifier`."""
     stem = f"{config.data.name.replace('/', '_')}_{cache_key(config, settings, seed)}"
-    directory = Path(workdir) / "eval" / "classifier"
+    directory = Workdir(workdir).classifier
     return directory / f"{stem}.npz", directory / f"{stem}.json"
 
 
@@ -325,17 +329,18 @@ def _unflatten_like(flat: dict[str, np.ndarray], template: Params, prefix: str =
     return params
 
 
-def _load_cache(weights_path: Path, info_path: Path, template: Params) -> tuple[Params, dict]:
-    with np.load(weights_path, allow_pickle=False) as data:
+def _load_cache(weights_path: epath.Path, info_path: epath.Path,
+                template: Params) -> tuple[Params, dict]:
+    with weights_path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
         flat = {name: data[name] for name in data.files}
     params = _unflatten_like(flat, template)
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path)
     if not isinstance(info, dict) or "test_accuracy" not in info:
         raise ValueError("no test_accuracy in the info file")
     return params, info
 
 
-def domain_extractor(config: ml_collections.ConfigDict, workdir: str | Path, *, seed: int = 0,
+def domain_extractor(config: ml_collections.ConfigDict, workdir: PathLike, *, seed: int = 0,
                      progress: bool = True,
                      settings: ClassifierSettings = ClassifierSettings(),
                      ) -> tuple[FeatureExtractor, dict[str, Any]]:
@@ -390,7 +395,7 @@ def domain_extractor(config: ml_collections.ConfigDict, workdir: str | Path, *, 
         }
         flat = _flatten(params)
         write_atomically(weights_path, lambda f: np.savez(f, **flat))
-        write_text_atomically(info_path, json.dumps(info, indent=2))
+        write_json(info_path, info, indent=2)
 
     extractor = FeatureExtractor(name=f"classifier_{name}", dim=settings.feature_dim,
                                  params=params, apply_fn=classifier.features)

@@ -17,18 +17,20 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.eval.inception import (
     TORCH_WEIGHTS_NAME,
     check_flat_params,
     load_inception_params,
     param_shapes,
 )
+from ddsm_jax.utils.cli import run_program
 from ddsm_jax.utils.files import write_atomically
 
 _PTH = flags.DEFINE_string("pth", None, f"pytorch-fid's weights ({TORCH_WEIGHTS_NAME}).")
@@ -86,11 +88,13 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         import torch
     except ImportError as error:
         raise ImportError("reading a .pth needs PyTorch: pip install torch") from error
-    if not os.path.isfile(path):
+    path = epath.Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found; download pytorch-fid's {TORCH_WEIGHTS_NAME} "
                                 "(README, Evaluation)")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:
+            state_dict = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike
         raise ValueError(f"cannot read {path} as a torch state_dict ({type(error).__name__}); "
                          f"expected pytorch-fid's {TORCH_WEIGHTS_NAME}") from error
@@ -100,17 +104,17 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             for key, value in state_dict.items()}
 
 
-def save_params(flat: Mapping[str, np.ndarray], out: str | os.PathLike) -> Path:
+def save_params(flat: Mapping[str, np.ndarray], out: PathLike) -> epath.Path:
     """Writes `flat` as an uncompressed `.npz`, atomically: a crash never leaves half a file."""
     return write_atomically(out, lambda handle: np.savez(handle, **flat))
 
 
-def convert(pth: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+def convert(pth: PathLike, out: PathLike) -> dict[str, Any]:
     """Converts `pth` to `out`, reads `out` back through the loader, returns a short report."""
     flat = convert_state_dict(load_torch_state_dict(pth))
     save_params(flat, out)
     load_inception_params(out)  # the round trip the evaluator will do
-    with open(pth, "rb") as handle:
+    with epath.Path(pth).open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     return {"out": str(out), "arrays": len(flat),
             "parameters": int(sum(array.size for array in flat.values())),
@@ -129,5 +133,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["pth"])
-    app.run(main)
+    run_program(main, required=["pth"])

@@ -7,9 +7,7 @@ differences between entries are differences of width, not of luck. Writes
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,15 +15,16 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
 from ddsm_jax.eval.metrics import kernel_inception_distance
+from ddsm_jax.layout import Stream, Workdir, stream_key
 from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network
-from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
-from ddsm_jax.utils.files import write_text_atomically
+from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
+from ddsm_jax.utils.files import write_json
 from ddsm_jax.utils.images import make_grid, save_grid
 from ddsm_jax.utils.plots import save_side_by_side
 from ddsm_jax.width_schedule import WidthSchedule
@@ -33,17 +32,16 @@ from ddsm_jax.width_schedule import WidthSchedule
 GRID_IMAGES = 64
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
+def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
              diffusion: Diffusion, params: Params, *, schedule: WidthSchedule | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Samples `config.eval.num_samples` images per entry, scores them, writes the results."""
-    out_dir = Path(workdir) / "eval"
+    layout = Workdir(workdir)
     extractor, extractor_info = feature_extractor(config, workdir)
     reference = reference_statistics(config, extractor, workdir, progress=progress)
     sampler = ScheduleSampler(network, diffusion, config.sampling)
-    key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    noise = initial_noise(jax.random.fold_in(key, 0), config.eval.num_samples, network.image_shape)
-    sample_key = jax.random.fold_in(key, 1)
+    key = stream_key(config.seed, Stream.EVALUATE)
+    noise, sample_key = stream_draws(key, config.eval.num_samples, network.image_shape)
     batch = config.sampling.batch_size
     timing_noise = initial_noise(jax.random.fold_in(key, 2), batch, network.image_shape)
     total_macs = [row["total"] for row in macs_table(network, params).values()]
@@ -71,11 +69,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Ne
         cost = schedule_cost(total_macs, indices)
         results[name] = {**score(images), "macs_mean": cost["macs_mean"],
                          "macs_ratio": cost["macs_ratio"], "seconds": seconds}
-        save_grid(images[:GRID_IMAGES], out_dir / f"{name.replace(' ', '_')}.png")
+        save_grid(images[:GRID_IMAGES], layout.eval / f"{name.replace(' ', '_')}.png")
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
         titles.append(f"{name}: FD {results[name]['fd']:.3g}, "
                       f"{cost['macs_mean'] / 1e6:.3g} MMACs")
-    save_side_by_side(grids, titles, out_dir / "samples.png")
+    save_side_by_side(grids, titles, layout.eval / "samples.png")
     noise_images = np.clip(np.asarray(noise), -1.0, 1.0)
     metrics = {
         "full": results["full"],
@@ -89,7 +87,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, network: Ne
         "features": {"name": extractor.name, "dim": extractor.dim, **extractor_info},
         "reference": reference.source,
     }
-    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_json(layout.eval_metrics, metrics)
     return metrics
 
 

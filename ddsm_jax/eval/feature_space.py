@@ -11,22 +11,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.eval.features import FeatureExtractor, compute_features
 from ddsm_jax.eval.metrics import feature_statistics, frechet_distance, load_statistics
+from ddsm_jax.layout import Workdir
 from ddsm_jax.utils.files import write_atomically
 
 DOMAIN_DATASETS = ("digits", "mnist")
 
 
 def feature_extractor(config: ml_collections.ConfigDict,
-                      workdir: str | Path) -> tuple[FeatureExtractor, dict[str, Any]]:
+                      workdir: PathLike) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The extractor for `config.eval.features` ('auto', 'domain' or 'inception') and its facts."""
     kind = config.eval.features
     if kind == "auto":
@@ -64,7 +65,7 @@ class Reference:
 
 
 def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureExtractor,
-                         workdir: str | Path, *, progress: bool = True) -> Reference:
+                         workdir: PathLike, *, progress: bool = True) -> Reference:
     """Published statistics when `config.eval.reference_stats` is set, else (cached) features of
     up to `config.eval.num_reference` training images."""
     if config.eval.reference_stats:
@@ -74,10 +75,10 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
                              f"the {extractor.name} features are {extractor.dim}-d")
         return Reference(mu, sigma, None, str(config.eval.reference_stats))
     key = _reference_key(config, extractor)
-    cache = Path(workdir) / "eval" / f"reference_{config.data.name.replace('/', '_')}_{key}.npz"
+    cache = Workdir(workdir).eval / f"reference_{config.data.name.replace('/', '_')}_{key}.npz"
     if cache.is_file():
         try:
-            with np.load(cache) as data:
+            with cache.open("rb") as handle, np.load(handle) as data:
                 return Reference(data["mu"], data["sigma"], data["features"], str(cache))
         except (KeyError, ValueError, OSError):
             pass  # a damaged cache is recomputed, and then replaced atomically

@@ -26,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ddsm_jax.common_types import Params
 from ddsm_jax.eval.features import FeatureExtractor
@@ -148,20 +149,22 @@ def load_inception_params(path: str | os.PathLike) -> Params:
     Every way of pointing at the wrong file (none there, the PyTorch `.pth` itself, some other
     `.npz`) is one clear error naming the file and the command that makes the right one.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = epath.Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"FID Inception weights {path} not found; convert pytorch-fid's "
                                 f"weights with `{CONVERT_COMMAND}` (README, Evaluation)")
-    if not zipfile.is_zipfile(path):  # what np.savez writes; np.load would try pickle next
-        raise ValueError(f"{path} is not an .npz archive; make the FID Inception weights with "
-                         f"`{CONVERT_COMMAND}`")
     try:
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise ValueError(f"{path} is a PyTorch checkpoint, not our .npz; convert it with "
-                                 f"`{CONVERT_COMMAND}`")
-        with np.load(path, allow_pickle=False) as loaded:
-            flat = {key: np.asarray(loaded[key], dtype=np.float32) for key in loaded.files}
+        with path.open("rb") as handle:
+            if not zipfile.is_zipfile(handle):  # what np.savez writes; np.load would try pickle
+                raise ValueError(f"{path} is not an .npz archive; make the FID Inception weights "
+                                 f"with `{CONVERT_COMMAND}`")
+            with zipfile.ZipFile(handle) as archive:
+                if any(name.endswith("data.pkl") for name in archive.namelist()):
+                    raise ValueError(f"{path} is a PyTorch checkpoint, not our .npz; convert it "
+                                     f"with `{CONVERT_COMMAND}`")
+            handle.seek(0)
+            with np.load(handle, allow_pickle=False) as loaded:
+                flat = {key: np.asarray(loaded[key], dtype=np.float32) for key in loaded.files}
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"cannot read FID Inception weights from {path} ({error}); make the file "
                          f"with `{CONVERT_COMMAND}`") from error

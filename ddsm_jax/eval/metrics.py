@@ -6,12 +6,12 @@ and the matrix square root needs the precision; the features themselves come fro
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import chex
 import numpy as np
 import scipy.linalg
+from etils import epath
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.utils.files import write_atomically
 
 
@@ -94,19 +94,19 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, *,
     return float(estimates.mean()), float(estimates.std())
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+def save_statistics(path: PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes `mu`, `sigma` as pytorch-fid does, so published statistics are interchangeable."""
     write_atomically(path, lambda handle: np.savez(handle, mu=mu, sigma=sigma))
 
 
-def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads a pytorch-fid style `.npz` (keys `mu`, `sigma`)."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no FID statistics at {path}: compute them with "
                                 f"`python -m ddsm_jax.eval.stats` or give a published .npz")
     try:
-        with np.load(path) as data:
+        with path.open("rb") as handle, np.load(handle) as data:
             mu, sigma = data["mu"], data["sigma"]
     except (KeyError, ValueError, OSError) as error:
         raise ValueError(f"{path} is not FID statistics (an .npz with 'mu' and 'sigma'): "

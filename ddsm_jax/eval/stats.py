@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from ddsm_jax.utils.cli import run_program
@@ -35,8 +36,9 @@ def load_images(path: str) -> np.ndarray:
     from ddsm_jax.eval.features import as_float_images
 
     try:
-        loaded = np.load(path)
-        images = loaded["arr_0"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        with epath.Path(path).open("rb") as handle:
+            loaded = np.load(handle)
+            images = loaded["arr_0"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"cannot read images from {path} (an .npz with arr_0 or an .npy): "
                          f"{error}") from error

@@ -92,6 +92,20 @@ def choose(objective: str, fd: np.ndarray, macs_mean: np.ndarray, macs_ratio: np
     return int(good[np.lexsort((fd[good], macs_ratio[good]))[0]])
 
 
+def spread_front(fd: np.ndarray, cost: np.ndarray, size: int) -> np.ndarray:
+    """Up to `size` members of the Pareto front of (FD, cost), spread evenly over cost from the
+    cheapest to the dearest, by cost: the schedules that offer a choice of price."""
+    cost = np.asarray(cost, np.float64)
+    front = np.flatnonzero(pareto_ranks(fd, cost) == 0)
+    front = front[np.lexsort((front, cost[front]))]
+    if size <= 0 or front.size <= size:
+        return front[:max(size, 0)]
+    targets = np.linspace(cost[front[0]], cost[front[-1]], size)
+    picked = dict.fromkeys(int(front[np.argmin(np.abs(cost[front] - target))])
+                           for target in targets)
+    return np.asarray(list(picked), np.int64)
+
+
 def shortlist(objective: str, fd: np.ndarray, macs_mean: np.ndarray, macs_ratio: np.ndarray,
               size: int, *, full_fd: float, fd_tolerance: float, macs_lambda: float = 0.0,
               macs_budget: float = 1.0) -> np.ndarray:

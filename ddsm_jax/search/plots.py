@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib
+from etils import epath
+
+from ddsm_jax.common_types import PathLike
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -18,13 +19,13 @@ from ddsm_jax.utils.files import write_atomically
 from ddsm_jax.width_schedule import WidthSchedule
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: PathLike) -> epath.Path:
     path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
     return path
 
 
-def save_schedule_plot(schedule: WidthSchedule, path: str | os.PathLike) -> Path:
+def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
     """Width per sampling step, noisiest step on the left, with the timestep it runs at."""
     widths = schedule.width_per_step
     steps = np.arange(schedule.num_steps)
@@ -45,12 +46,12 @@ def save_schedule_plot(schedule: WidthSchedule, path: str | os.PathLike) -> Path
         title += f", FD {figures['fd']:.3g} (full width {figures['full_fd']:.3g})"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
                      uniform: Sequence[dict[str, float]], chosen: int,
-                     path: str | os.PathLike, *, title: str | None = None) -> Path:
+                     path: PathLike, *, title: str | None = None) -> epath.Path:
     """Every scored schedule, the front, the uniform widths and the chosen schedule."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(macs_ratio, fd, s=8, color="0.75", label="scored schedules")
@@ -74,4 +75,4 @@ def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save(fig, path)

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -14,9 +13,10 @@ from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
+from ddsm_jax.layout import Stream, stream_key
 from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network
-from ddsm_jax.sampling import ScheduleSampler, initial_noise
+from ddsm_jax.sampling import ScheduleSampler, stream_draws
 from ddsm_jax.search.population import PopulationSampler
 from ddsm_jax.search.trajectory_cache import TrajectoryCache, keep_steps_for_budget, state_bytes
 
@@ -29,8 +29,6 @@ class Scores:
     network_evaluations: int  # network calls made (each on the N shared-noise samples)
     naive_evaluations: int  # the calls of evaluating every candidate from scratch
 
-
-SEARCH_NOISE, VALIDATION_NOISE = 5, 6  # streams of the seed; evaluate draws from stream 3
 
 
 class ScheduleScorer:
@@ -51,15 +49,13 @@ class ScheduleScorer:
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
         self.total_macs = [row["total"] for row in macs_table(network, params).values()]
-        self._draw_noise(config.search.num_samples, SEARCH_NOISE)
+        self._draw_noise(config.search.num_samples, Stream.SEARCH)
 
-    def _draw_noise(self, num_samples: int, stream: int) -> None:
-        key = jax.random.fold_in(jax.random.key(self.config.seed), stream)
-        self.noise = initial_noise(jax.random.fold_in(key, 0), num_samples,
-                                   self.sampler.network.image_shape)
-        self.key = jax.random.fold_in(key, 1)
+    def _draw_noise(self, num_samples: int, stream: Stream) -> None:
+        self.noise, self.key = stream_draws(stream_key(self.config.seed, stream), num_samples,
+                                            self.sampler.network.image_shape)
 
-    def on_noise(self, num_samples: int, stream: int) -> ScheduleScorer:
+    def on_noise(self, num_samples: int, stream: Stream) -> ScheduleScorer:
         """The same network, feature space and reference, on `num_samples` images of another
         noise stream (the validation's), without loading any of them again."""
         other = copy.copy(self)

@@ -13,20 +13,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from ddsm_jax.common_types import Params
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.layout import Stream, Workdir
 from ddsm_jax.models.network import Network
 from ddsm_jax.search import genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
-from ddsm_jax.search.scorer import VALIDATION_NOISE, ScheduleScorer
-from ddsm_jax.utils.files import write_text_atomically
+from ddsm_jax.search.scorer import ScheduleScorer
+from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
 from ddsm_jax.width_schedule import WidthSchedule
 
 
@@ -42,12 +42,13 @@ class SearchState:
     rng_state: dict[str, Any]
     history: list[dict[str, Any]]
     fingerprint: dict[str, Any]
-    # {"settings", "shortlist": [schedule keys], "scores": {key -> fd, macs_mean, macs_ratio}},
-    # the scores on the validation noise of the shortlist and of full width
+    # {"settings", "shortlist": [keys], "front": [keys], "scores": {key -> fd, macs_mean,
+    # macs_ratio}}: the scores on the validation noise of every uniform width, the objective's
+    # shortlist and a spread of the front (the schedules an export offers at each price)
     validation: dict[str, Any] | None = None
 
 
-VALIDATION_SETTINGS = ("validation_samples", "validation_candidates")
+VALIDATION_SETTINGS = ("validation_samples", "validation_candidates", "validation_front")
 
 
 def _key(schedule: np.ndarray) -> str:
@@ -59,11 +60,11 @@ def _unkey(key: str) -> np.ndarray:
 
 
 class EvolutionarySearch:
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, network: Network,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
                  diffusion: Diffusion, params: Params, *, progress: bool = True):
         self.config = config
         self.search = config.search
-        self.out_dir = Path(workdir) / "search"
+        self.layout = Workdir(workdir)
         self.progress = progress
         if self.search.objective not in objectives.OBJECTIVES:
             raise ValueError(f"config.search.objective={self.search.objective!r}: choose one of "
@@ -160,23 +161,23 @@ class EvolutionarySearch:
 
     # -- state -----------------------------------------------------------------------------
     def _load_state(self) -> SearchState | None:
-        path = self.out_dir / "state.json"
+        path = self.layout.search_state
         if not path.is_file():
             return None
         try:
-            state = SearchState(**json.loads(path.read_text()))
+            state = SearchState(**read_json(path))
         except (ValueError, TypeError) as error:
             raise SearchError(f"{path} is not a search state ({error}); delete it to start the "
                               f"search again") from error
         if state.fingerprint != json.loads(json.dumps(self.fingerprint)):
             raise SearchError(f"{path} belongs to a search with other settings (config.search, "
-                              f"sampling, seed or widths changed); delete {self.out_dir} or use "
+                              f"sampling, seed or widths changed); delete {self.layout.search} or use "
                               f"another --workdir")
         return state
 
     def _save_state(self, state: SearchState) -> None:
-        write_text_atomically(self.out_dir / "state.json", json.dumps(dataclasses.asdict(state)))
-        write_text_atomically(self.out_dir / "history.jsonl",
+        write_json(self.layout.search_state, dataclasses.asdict(state), indent=None)
+        write_text_atomically(self.layout.search_history,
                       "".join(json.dumps(h) + "\n" for h in state.history))
 
     # -- the loop --------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class EvolutionarySearch:
         bar = tqdm(total=self.search.generations + 1, unit="generation", desc="search",
                    disable=not self.progress)
         if state is None:
-            rng = np.random.default_rng([self.config.seed, 5])
+            rng = np.random.default_rng([self.config.seed, int(Stream.SEARCH)])
             population = genome.initial_population(
                 rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
                 self.search.num_piecewise, repair=self._repair(rng))
@@ -225,8 +226,9 @@ class EvolutionarySearch:
                         macs=f"{last['best_macs_ratio']:.2f}")
 
     def _validate(self, state: SearchState) -> None:
-        """Scores the objective's shortlist and full width again on fresh noise with more
-        samples; the winner's curse of the search noise does not carry over to those scores."""
+        """Scores the objective's shortlist, a spread of the front and every uniform width again
+        on fresh noise with more samples; the winner's curse of the search noise does not carry
+        over to those scores."""
         settings = {k: self.search[k] for k in VALIDATION_SETTINGS}
         if not settings["validation_samples"]:
             state.validation = None
@@ -238,17 +240,21 @@ class EvolutionarySearch:
             settings["validation_candidates"], full_fd=self._full_fd(state.archive),
             fd_tolerance=self.search.fd_tolerance, macs_lambda=self.search.macs_lambda,
             macs_budget=self.search.macs_budget)]
+        front = [keys[i] for i in objectives.spread_front(fd, macs_ratio,
+                                                          settings["validation_front"])]
+        uniform = [_key(np.full(self.ops.num_steps, i)) for i in range(self.ops.num_widths)]
+        wanted = list(dict.fromkeys([*uniform, *shortlist, *front]))  # full width first
         if (state.validation is not None and state.validation["settings"] == settings
-                and state.validation["shortlist"] == shortlist):
+                and list(state.validation["scores"]) == wanted):
             return
         # All of them in one call, always: a score must not depend on what was cached before.
-        wanted = list(dict.fromkeys([self._full_key(), *shortlist]))
         if self.progress:
             print(f"validating {len(wanted)} schedules on {settings['validation_samples']} "
                   f"fresh samples", flush=True)
-        scorer = self.scorer.on_noise(settings["validation_samples"], VALIDATION_NOISE)
+        scorer = self.scorer.on_noise(settings["validation_samples"], Stream.VALIDATION)
         scores = scorer(np.stack([_unkey(key) for key in wanted]))
-        state.validation = {"settings": settings, "shortlist": shortlist, "scores": {
+        state.validation = {"settings": settings, "shortlist": shortlist, "front": front,
+                            "scores": {
             key: {"fd": float(scores.fd[i]), "macs_mean": float(scores.macs_mean[i]),
                   "macs_ratio": float(scores.macs_ratio[i])} for i, key in enumerate(wanted)}}
         self._save_state(state)
@@ -261,11 +267,12 @@ class EvolutionarySearch:
 
     def _finish(self, state: SearchState) -> WidthSchedule:
         """schedule.json, pareto.json and the two pictures, from every schedule ever scored.
-        The choice is made on the validation scores when there are any."""
+        The choice is made among the validated schedules, on their validation scores, when
+        there are any."""
         keys = list(state.archive)
         fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
         final = state.validation["scores"] if state.validation else state.archive
-        final_keys = state.validation["shortlist"] if state.validation else keys
+        final_keys = list(final)
         final_fd, final_macs_mean, final_macs_ratio = self._columns(final_keys, final)
         full_fd = self._full_fd(final)
         chosen_key = final_keys[objectives.choose(
@@ -286,7 +293,7 @@ class EvolutionarySearch:
             search_samples=int(self.search.num_samples), **validation,
             network_evaluations=network_calls, naive_network_evaluations=naive_calls,
             features=self.scorer.extractor.name)
-        schedule.save(self.out_dir / "schedule.json")
+        schedule.save(self.layout.schedule)
         front = np.flatnonzero(objectives.pareto_ranks(fd, macs_ratio) == 0)
         front = front[np.argsort(macs_ratio[front])]
         uniform = [{"width": w, **state.archive[_key(np.full(self.ops.num_steps, i))]}
@@ -299,12 +306,12 @@ class EvolutionarySearch:
                   "validated": [{"schedule": _unkey(key).tolist(), **scores,
                                  "search_fd": state.archive[key]["fd"]}
                                 for key, scores in final.items()] if state.validation else []}
-        write_text_atomically(self.out_dir / "pareto.json", json.dumps(pareto, indent=1))
-        save_schedule_plot(schedule, self.out_dir / "schedule.png")
+        write_json(self.layout.pareto, pareto)
+        save_schedule_plot(schedule, self.layout.search / "schedule.png")
         title = f"{len(keys)} schedules scored on the same {self.search.num_samples} samples"
         if state.validation:
-            title += (f";\nthe best {len(final_keys)} scored again on "
-                      f"{self.search.validation_samples} fresh ones")
-        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.out_dir / "pareto.png",
+            title += (f";\n{len(final_keys)} of them (the shortlist, a spread of the front, the "
+                      f"uniform widths)\nscored again on {self.search.validation_samples} fresh ones")
+        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.layout.search / "pareto.png",
                          title=title)
         return schedule

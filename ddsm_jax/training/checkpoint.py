@@ -1,15 +1,18 @@
 """Train-state checkpoints through orbax, behind one small class so API changes stay here.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash
-never leaves a half-written checkpoint where a restart would read it.
+Orbax writes each step into a temporary directory and marks it complete only when every file
+is written (a rename on local disks, a commit marker on object stores such as gs://, where a rename
+is not atomic), so a crash never leaves a half-written checkpoint where a restart would read it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from ddsm_jax.common_types import PathLike
+from ddsm_jax.utils.files import as_path
 
 
 class CheckpointError(RuntimeError):
@@ -17,8 +20,8 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: PathLike, max_to_keep: int = 3):
+        self.directory = as_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                 enable_async_checkpointing=True),

@@ -20,3 +20,16 @@ def sandwich_widths(widths: Sequence[float], seed: int, step: int) -> tuple[floa
     middle = ordered[1:-1]
     rng = np.random.default_rng([seed, step])
     return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
+
+
+def sandwiches_between(widths: Sequence[float], seed: int, start: int,
+                       stop: int) -> list[tuple[float, ...]]:
+    """The distinct sandwiches that steps [start, stop) train, in order of first use: the
+    programs a run compiles (looking no further than the steps it takes to meet them all)."""
+    possible = max(1, len({float(w) for w in widths}) - 2)
+    seen: dict[tuple[float, ...], None] = {}
+    for step in range(start, stop):
+        seen.setdefault(sandwich_widths(widths, seed, step), None)
+        if len(seen) == possible:
+            break
+    return list(seen)

@@ -10,20 +10,22 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.data.pipeline import load_dataset, train_batches
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
 from ddsm_jax.grids import WidthGrids
+from ddsm_jax.layout import Stream, Workdir, stream_key
 from ddsm_jax.models.network import Network, init_network
 from ddsm_jax.training.checkpoint import Checkpointer
 from ddsm_jax.training.metrics import MetricWriter
 from ddsm_jax.training.preemption import PreemptionWatch
-from ddsm_jax.training.sandwich import sandwich_widths
+from ddsm_jax.training.sandwich import sandwich_widths, sandwiches_between
 from ddsm_jax.training.sharding import batch_sharding, global_batch, make_mesh
 from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step, sharded_train_state
 
@@ -56,9 +58,9 @@ def _initial_state(config: ml_collections.ConfigDict) -> tuple[Network, TrainSta
     return network, state, sharding
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
     """Trains (or resumes training of) the supernet in `workdir` up to training.num_steps."""
-    workdir = Path(workdir)
+    layout = Workdir(workdir)
     training = config.training
     dataset = load_dataset(config.data)  # first: a missing data set should fail before compiling
     process_count, is_main = jax.process_count(), jax.process_index() == 0
@@ -78,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
                             random_flip=config.data.random_flip,
                             process_index=jax.process_index(), process_count=process_count)
 
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
+    checkpointer = Checkpointer(layout.checkpoints, max_to_keep=training.keep_checkpoints)
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, data_state = restored
@@ -87,9 +89,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     train_step = make_train_step(network, diffusion, training, state_sharding=state_sharding,
                                  batch_sharding=data_sharding)
     grids = WidthGrids(config, network, diffusion) if training.sample_every and is_main else None
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # apart from the init key
+    rng = stream_key(config.seed, Stream.TRAIN)
     start = int(state.step)
-    writer = MetricWriter(workdir, enabled=is_main)
+    # One program per sandwich, compiled before the progress bar starts, so that neither its rate
+    # and ETA nor the logged images/s count compilation.
+    batch_shape = jax.ShapeDtypeStruct((training.batch_size, *network.image_shape), jnp.float32,
+                                       sharding=data_sharding)
+    compiled = {widths: train_step.lower(state, batch_shape, rng, widths).compile()
+                for widths in tqdm(sandwiches_between(network.widths, config.seed, start,
+                                                      training.num_steps),
+                                   desc="compiling the train step per sandwich", unit="program",
+                                   disable=not is_main, leave=False)}
+    writer = MetricWriter(layout, start, enabled=is_main)
     preemption = PreemptionWatch()
     progress = tqdm(range(start, training.num_steps), initial=start, total=training.num_steps,
                     desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
@@ -97,7 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     try:
         for step in progress:
             widths = sandwich_widths(network.widths, config.seed, step)
-            state, metrics = train_step(state, global_batch(next(batches), data_sharding), rng, widths)
+            batch = global_batch(next(batches), data_sharding)
+            state, metrics = compiled[widths](state, batch, rng)
             window_steps += 1
             done = step + 1
             if done % training.log_every == 0 or done == training.num_steps:
@@ -111,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if grids is not None and done % training.sample_every == 0:
-                _, grid = grids.draw(state.ema_params, workdir / "samples" / f"step_{done}")
+                _, grid = grids.draw(state.ema_params, layout.samples_at(done))
                 writer.write_image(done, "samples_per_width", grid)
             preempted = preemption.should_stop(checkpointer.manager, done)
             if done % training.checkpoint_every == 0 or done == training.num_steps or preempted:
@@ -129,13 +141,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult
     return TrainResult(network, diffusion, state, preempted)
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
+def load_trained(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
     """The latest checkpoint of `workdir`; a clear error when there is none."""
     network, state, _ = _initial_state(config)
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    checkpoints = Workdir(workdir).checkpoints
+    checkpointer = Checkpointer(checkpoints)
     restored = checkpointer.restore_latest(state)
     checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; "
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}; "
                                 f"run --mode=train with this --workdir first")
     return TrainResult(network, diffusion_from_config(config.diffusion), restored[0])

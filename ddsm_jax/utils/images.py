@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from ddsm_jax.common_types import PathLike
 from ddsm_jax.utils.files import write_atomically
 
 _MIN_SIDE = 32  # save_grid upsamples until each image is at least this many pixels on a side
@@ -59,8 +59,8 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1, sca
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None,
-              scale: int | None = None) -> Path:
+def save_grid(images: np.ndarray, path: PathLike, nrow: int | None = None,
+              scale: int | None = None) -> epath.Path:
     """Writes `make_grid(images)` as a PNG, atomically so a crash never leaves a half-written file.
 
     By default each image is upsampled to at least 32 pixels on a side, so 8x8

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
+from etils import epath
+
+from ddsm_jax.common_types import PathLike
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -15,7 +16,8 @@ import numpy as np
 from ddsm_jax.utils.files import write_atomically
 
 
-def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike) -> Path:
+def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str],
+                      path: PathLike) -> epath.Path:
     """One row of uint8 HWC grids with a title each, written atomically as a PNG."""
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, grid, title in zip(axes[0], grids, titles):
