@@ -251,11 +251,12 @@ def load(path: PathLike) -> ExportedModel:
     path = epath.Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        if (path / CONFIG).exists() or (path / PARAMS).exists():
+        if (path / PARAMS).exists() or (path / FRONT).exists():
             raise ExportError(f"{path} holds an incomplete export (no {MANIFEST}: it was "
                               f"interrupted); export again with `--mode=export`")
-        raise ExportError(f"{path} is not a ddsm_jax export (no {MANIFEST}); make one with "
-                          f"`python -m ddsm_jax.main --mode=export --workdir=DIR`")
+        hint = (f"; did you mean {path / 'export'}?" if (path / "export" / MANIFEST).exists()
+                else "; make one with `python -m ddsm_jax.main --mode=export --workdir=DIR`")
+        raise ExportError(f"{path} is not a ddsm_jax export (no {MANIFEST}){hint}")
     try:
         manifest = read_json(manifest_path)
         config = ml_collections.ConfigDict(read_json(path / CONFIG))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddsm_jax import export
+from ddsm_jax import configs, export
 from ddsm_jax.configs import cifar10
 from ddsm_jax.convert_release import (
     TIME_TABLE_KEY,
@@ -29,7 +29,7 @@ from ddsm_jax.convert_release import (
 from ddsm_jax.models.network import abstract_network
 from ddsm_jax.models.unet import timestep_embedding
 
-RELEASE_SCHEDULE = Path(__file__).resolve().parents[2] / "shared" / "data" / "release_cifar10_schedule.json"
+RELEASE_SCHEDULE = configs.DIRECTORY / "release_cifar10_schedule.json"  # the release's searched widths
 TORCH_REASON = "the release's checkpoints are PyTorch files: pip install torch to run this test"
 
 

@@ -1,5 +1,6 @@
 """Schedule files, and the export artifact: it loads without training code and samples the same."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddsm_jax import export
+from ddsm_jax import configs, export
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches
+from ddsm_jax.utils.images import to_uint8
 from ddsm_jax.width_schedule import (
     ScheduleError,
     WidthSchedule,
@@ -22,7 +24,7 @@ from ddsm_jax.width_schedule import (
 )
 from tests.helpers import tiny_config
 
-RELEASE_SCHEDULE = Path(__file__).resolve().parents[2] / "shared" / "data" / "release_cifar10_schedule.json"
+RELEASE_SCHEDULE = configs.DIRECTORY / "release_cifar10_schedule.json"  # the release's searched widths
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,80 @@ def test_export_replaces_atomically_and_refuses_foreign_folders(tmp_path, traine
     (path / "ddsm_export.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(export.ExportError, match="version 99"):
         export.load(path)
+
+
+def _member(macs_ratio, fd=None, seconds_ratio=None, chosen=False):
+    return export.FrontMember((0,), macs_ratio, fd, seconds_ratio, chosen)
+
+
+def test_the_budget_picks_the_best_validated_schedule_it_affords():
+    front = [_member(0.067, 11.0, 0.2), _member(0.31, 7.0, 0.4), _member(0.42, 6.1, 0.5),
+             _member(0.49, 6.0, 0.55, chosen=True), _member(0.57, 7.4, 0.7), _member(1.0, 6.4, 1.0)]
+    assert export.choose(front).macs_ratio == 0.49  # no budget: the search's choice
+    assert export.choose(front, budget=0.45).macs_ratio == 0.42
+    assert export.choose(front, budget=0.3999).macs_ratio == 0.31
+    assert export.choose(front, budget=1.0).macs_ratio == 0.49  # cheaper and better than full
+    assert export.choose(front, seconds_budget=0.45).macs_ratio == 0.31
+    assert export.choose(front, budget=0.45, seconds_budget=0.45).macs_ratio == 0.31
+    with pytest.raises(export.ExportError, match="the cheapest costs 0.067: ask for at least"):
+        export.choose(front, budget=0.05)
+    # Without validated FDs (a converted release), the most compute within the budget.
+    unvalidated = [_member(0.51), _member(1.0)]
+    assert export.choose(unvalidated, budget=0.6).macs_ratio == 0.51
+    assert export.choose(unvalidated, budget=2.0).macs_ratio == 1.0
+    with pytest.raises(export.ExportError, match="no measured sampling times"):
+        export.choose(unvalidated, seconds_budget=0.9)
+
+
+def test_sample_command_draws_with_the_schedule_the_budget_buys(tmp_path, trained):
+    config, network, params, sampler = trained
+    schedule = sampler.to_width_schedule([0] * 4 + [2] * 6, fd=5.0, full_fd=6.0)
+    validated = [{"schedule": [3] * 10, "fd": 9.0}, {"schedule": [0] * 2 + [3] * 8, "fd": 7.0},
+                 {"schedule": [0] * 10, "fd": 6.0}]
+    front = export.build_front(network, params, sampler, schedule, validated)
+    assert [m.fd for m in front] == [9.0, 7.0, 5.0, 6.0]  # by MACs: 0.25, two steps full, ...
+    path = export.save(tmp_path / "export", config, params, schedule, front=front)
+    cheap = front[1]
+
+    def sample(*flags):
+        return subprocess.run([sys.executable, "-m", "ddsm_jax.sample", f"--export={path}",
+                               "--num_samples=3", *flags], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+
+    out = tmp_path / "cheap.npz"
+    done = sample(f"--budget={cheap.macs_ratio + 0.01:.4f}", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["macs_ratio"] == cheap.macs_ratio and report["fd"] == 7.0
+    assert report["widths"] == [1.0] * 2 + [0.25] * 8
+    with np.load(out) as data:
+        images = data["arr_0"]
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    assert (tmp_path / "cheap.png").is_file()
+    # The same draw from Python: the same schedule, the same seed, the same pixels.
+    model = export.load(path)
+    np.testing.assert_array_equal(to_uint8(model.sample(3, budget=cheap.macs_ratio + 0.01)),
+                                  images)
+    # Too small a budget: one line naming the cheapest schedule, and no file.
+    refused = sample("--budget=0.01", f"--out={tmp_path / 'none.npz'}")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: no schedule in {path} samples at 0.01 of full width's MACs; the cheapest costs "
+        f"{front[0].macs_ratio:.3f}: ask for at least that")
+    assert not (tmp_path / "none.npz").exists()
+
+
+def test_an_export_of_the_release_schedule_offers_it_and_full_width(tmp_path, trained):
+    config, _, params, _ = trained
+    config = copy.deepcopy(config)
+    config.sampling.method = "ddpm"  # the release's schedule gives a width per DDPM timestep
+    config.sampling.num_steps = 1000
+    path = export.save(tmp_path / "export", config, params,
+                       schedule=json.loads(RELEASE_SCHEDULE.read_text()))
+    model = export.load(path)
+    assert [round(m.macs_ratio, 2) for m in model.front] == [0.51, 1.0]
+    assert all(m.fd is None and m.seconds_ratio is None for m in model.front)
+    assert model.choose(budget=0.6).chosen and not model.choose(budget=1.0).chosen
+    with pytest.raises(export.ExportError,
+                       match=f"the cheapest costs {model.front[0].macs_ratio:.3f}"):
+        model.choose(budget=0.4)

@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ddsm_jax import configs
 from ddsm_jax.configs import cifar10, digits
 from ddsm_jax.models.cost import macs_table, schedule_cost, width_macs
 from ddsm_jax.models.network import abstract_network, init_network, param_count
@@ -57,10 +57,9 @@ def test_analytic_macs_agree_with_xla_cost_analysis(config_module):
         assert abs(ours - xla_flops) / xla_flops < 0.005, (width, ours, xla_flops)
 
 
-RELEASE_SCHEDULE = Path(__file__).resolve().parents[2] / "shared" / "data" / "release_cifar10_schedule.json"
+RELEASE_SCHEDULE = configs.DIRECTORY / "release_cifar10_schedule.json"  # the release's searched widths
 
 
-@pytest.mark.skipif(not RELEASE_SCHEDULE.exists(), reason=f"{RELEASE_SCHEDULE} is not beside this checkout")
 def test_schedule_cost_of_the_release_schedule_saves_about_half():
     widths_by_t = json.loads(RELEASE_SCHEDULE.read_text())["widths_per_timestep"]
     network, params = abstract_network(cifar10.get_config())

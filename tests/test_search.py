@@ -110,17 +110,23 @@ def test_validation_rescores_the_shortlist_on_fresh_noise(tmp_path, model, digit
     assert non_uniform and all(state["archive"][k]["macs_ratio"] <= 0.4 + 1e-9
                                for k in non_uniform)
     validation = state["validation"]
-    assert len(validation["shortlist"]) == 3
-    assert set(validation["scores"]) == {"0,0,0,0,0,0", *validation["shortlist"]}
+    assert len(validation["shortlist"]) == 3 and 1 <= len(validation["front"]) <= 3
+    uniform = {",".join([str(i)] * 6) for i in range(4)}
+    assert set(validation["scores"]) == {*uniform, *validation["shortlist"], *validation["front"]}
+    # The front's spread: schedules no other scored schedule beats on both FD and MACs.
+    archive = state["archive"]
+    for key in validation["front"]:
+        assert not any(a["fd"] < archive[key]["fd"] and a["macs_ratio"] < archive[key]["macs_ratio"]
+                       for a in archive.values())
     saved = json.loads((out / "schedule.json").read_text())
     assert saved["validation_samples"] == 24
     key = ",".join(str(i) for i in saved["schedule"])
-    assert key in validation["shortlist"]
+    assert key in validation["scores"]
     assert saved["fd"] == validation["scores"][key]["fd"]  # chosen on the fresh scores
     assert saved["search_fd"] == state["archive"][key]["fd"] != saved["fd"]
     assert saved["macs_ratio"] <= 0.4 and width_cost[0] == 1.0
-    best = min(validation["shortlist"], key=lambda k: validation["scores"][k]["fd"])
-    assert key == best
+    affordable = [k for k, v in validation["scores"].items() if v["macs_ratio"] <= 0.4 + 1e-9]
+    assert key == min(affordable, key=lambda k: validation["scores"][k]["fd"])
     # Other validation settings don't refuse the finished search; they redo the validation only.
     config.search.validation_samples = 16
     again = run_search(config, tmp_path, model, digits_classifier)
@@ -139,7 +145,7 @@ def test_every_objective_runs_a_search_to_a_validated_choice(tmp_path, model, di
     state = json.loads((tmp_path / "search" / "state.json").read_text())
     assert len(state["archive"]) == 16  # seeds and children, none scored twice
     key = ",".join(str(i) for i in chosen.schedule)
-    assert key in state["validation"]["shortlist"]
+    assert key in state["validation"]["scores"]
     assert chosen.figures["objective"] == objective
 
 

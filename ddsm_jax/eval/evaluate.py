@@ -73,7 +73,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
         titles.append(f"{name}: FD {results[name]['fd']:.3g}, "
                       f"{cost['macs_mean'] / 1e6:.3g} MMACs")
-    save_side_by_side(grids, titles, layout.eval / "samples.png")
+    save_side_by_side(grids, titles, layout.eval / "samples.png", caption=(
+        f"FD of each entry on the same {config.eval.num_samples} samples (the evaluation's "
+        f"noise: neither the search's nor its validation's); MACs per image per step"))
     noise_images = np.clip(np.asarray(noise), -1.0, 1.0)
     metrics = {
         "full": results["full"],

@@ -51,7 +51,7 @@ def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
 
 def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
                      uniform: Sequence[dict[str, float]], chosen: int,
-                     path: PathLike, *, title: str | None = None) -> epath.Path:
+                     path: PathLike, *, num_samples: int, title: str | None = None) -> epath.Path:
     """Every scored schedule, the front, the uniform widths and the chosen schedule."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(macs_ratio, fd, s=8, color="0.75", label="scored schedules")
@@ -66,7 +66,7 @@ def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int
     ax.scatter([macs_ratio[chosen]], [fd[chosen]], marker="*", s=180, color="tab:red", zorder=4,
                label="chosen")
     ax.set_xlabel("MACs per step / full width")
-    ax.set_ylabel("FD (same noise for all)")
+    ax.set_ylabel(f"FD on the search's {num_samples} samples (same noise for all)")
     ax.set_yscale("log")
     for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

@@ -313,5 +313,5 @@ class EvolutionarySearch:
             title += (f";\n{len(final_keys)} of them (the shortlist, a spread of the front, the "
                       f"uniform widths)\nscored again on {self.search.validation_samples} fresh ones")
         save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.layout.search / "pareto.png",
-                         title=title)
+                         num_samples=self.search.num_samples, title=title)
         return schedule

@@ -16,10 +16,13 @@ import numpy as np
 from ddsm_jax.utils.files import write_atomically
 
 
-def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str],
-                      path: PathLike) -> epath.Path:
-    """One row of uint8 HWC grids with a title each, written atomically as a PNG."""
+def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: PathLike, *,
+                      caption: str | None = None) -> epath.Path:
+    """One row of uint8 HWC grids with a title each (and a caption above them all), written
+    atomically as a PNG."""
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    if caption:
+        fig.suptitle(caption, fontsize=10)
     for ax, grid, title in zip(axes[0], grids, titles):
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
