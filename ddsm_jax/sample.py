@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
         if value is not None and value <= 0:
             raise app.UsageError(f"--{name} must be positive, got {value}")
     import numpy as np
+    from absl import logging
 
     from ddsm_jax import export
     from ddsm_jax.utils.compilation_cache import enable_compilation_cache
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> None:
     from ddsm_jax.utils.images import save_grid, to_uint8
 
     enable_compilation_cache()
+    logging.set_verbosity(logging.WARNING)
     out = _OUT.value
     try:
         check_storage(_EXPORT.value)

@@ -68,12 +68,12 @@ def get_config(variant: str = ""):
 def tiny(config):
     """The one-minute run: a few hundred steps, ten sampling steps, hundreds of samples."""
     config.training.batch_size = 32
-    config.training.num_steps = 200
+    config.training.num_steps = 120
     config.training.learning_rate = 2e-3
     config.training.warmup_steps = 20
     config.training.ema_decay = 0.98
-    config.training.log_every = 25
-    config.training.checkpoint_every = 200
+    config.training.log_every = 20
+    config.training.checkpoint_every = 120
 
     config.sampling.num_steps = 10
     config.sampling.num_samples = 16
