@@ -92,14 +92,21 @@ def stream_draws(key: jax.Array, num_samples: int,
 def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequence[int],
                       noise: jax.Array, key: jax.Array, batch_size: int, *,
                       progress: bool = False) -> np.ndarray:
-    """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation)."""
-    outputs = []
-    starts = range(0, noise.shape[0], batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
+    """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation).
+    The progress bar starts after the first batch, so that its rate leaves compilation out."""
+
+    def batch(start: int) -> np.ndarray:
         chunk = noise[start:start + batch_size]
         count = chunk.shape[0]
         if count < batch_size:  # pad the last batch rather than compile a new shape
             chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - count, *chunk.shape[1:]))])
-        images = sampler(params, schedule, chunk, jax.random.fold_in(key, start))
-        outputs.append(np.asarray(images)[:count])
+        return np.asarray(sampler(params, schedule, chunk, jax.random.fold_in(key, start)))[:count]
+
+    starts = range(0, noise.shape[0], batch_size)
+    outputs = [batch(starts[0])]
+    with tqdm(total=len(starts), initial=1, desc="sampling", unit="batch", disable=not progress,
+              leave=False) as bar:
+        for start in starts[1:]:
+            outputs.append(batch(start))
+            bar.update(1)
     return np.concatenate(outputs)

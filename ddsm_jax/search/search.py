@@ -184,19 +184,22 @@ class EvolutionarySearch:
     def run(self) -> WidthSchedule:
         """Generation 0 scores the seeds; each further generation scores its children."""
         state = self._load_state()
-        bar = tqdm(total=self.search.generations + 1, unit="generation", desc="search",
-                   disable=not self.progress)
         if state is None:
             rng = np.random.default_rng([self.config.seed, int(Stream.SEARCH)])
             population = genome.initial_population(
                 rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
                 self.search.num_piecewise, repair=self._repair(rng))
             archive: dict[str, dict[str, float]] = {}
+            if self.progress:
+                print(f"search: scoring {len(population)} seed schedules on "
+                      f"{self.search.num_samples} samples", flush=True)
             work = self._score_new(population, archive)
             state = SearchState(0, population.tolist(), archive, rng.bit_generator.state,
                                 [self._record(0, population, archive, work)], self.fingerprint)
             self._save_state(state)
-        bar.update(state.generation + 1)
+        # The bar starts after the seeds are scored, so that its rate leaves compilation out.
+        bar = tqdm(total=self.search.generations + 1, initial=state.generation + 1,
+                   unit="generation", desc="search", disable=not self.progress)
         self._show(bar, state)
         while state.generation < self.search.generations:
             rng = np.random.default_rng()
