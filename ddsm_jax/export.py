@@ -145,9 +145,10 @@ def _within(members: list[FrontMember], field: str, budget: float, where: str,
 def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
          schedule: WidthSchedule | dict | None = None, *, step: int | None = None,
          samples: np.ndarray | None = None,
-         front: Sequence[FrontMember] | None = None) -> epath.Path:
+         front: Sequence[FrontMember] | None = None,
+         weights: dict[str, Any] | None = None) -> epath.Path:
     """Writes the export (see the module docstring for how it stays whole). Without `front`,
-    it offers full width and the schedule."""
+    it offers full width and the schedule. `weights`: the `weights_id` of `params`."""
     directory = as_path(directory)
     network, abstract = abstract_network(config)
     _check_params(params, abstract)
@@ -160,7 +161,7 @@ def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
         front = build_front(network, params, sampler, schedule)
     manifest = {"format": FORMAT, "version": VERSION, "widths": list(network.widths),
                 "image_shape": list(network.image_shape), "num_params": param_count(params),
-                "step": step, "has_schedule": schedule is not None}
+                "step": step, "weights": weights, "has_schedule": schedule is not None}
 
     def write_into(folder: epath.Path) -> None:
         write_text_atomically(folder / CONFIG, config.to_json_best_effort(indent=2))
@@ -180,9 +181,15 @@ def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
             directory.rmtree()
         write_into(directory)
         return directory
+    for kind in ("tmp", "old"):  # the folders of an export that was killed
+        for leftover in directory.parent.glob(f".{directory.name}.{kind}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_into(tmp)
+    try:
+        write_into(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")
     if directory.exists():
         directory.rename(old)
@@ -230,13 +237,28 @@ class ExportedModel:
             if schedule in ("auto", "full"):
                 return self.sampler.uniform(0)
             raise ValueError(f"schedule must be 'auto', 'full' or width indices, got {schedule!r}")
-        return np.asarray(schedule, np.int32)
+        array = np.asarray(schedule)
+        steps, count = self.sampler.num_steps, len(self.network.widths)
+        if not np.issubdtype(array.dtype, np.integer) or array.shape != (steps,) or \
+                array.min() < 0 or array.max() >= count:
+            raise ValueError(
+                f"schedule must be {steps} integer indices into the widths {self.network.widths} "
+                f"(0 to {count - 1}), one per sampling step; got {array.dtype} of shape "
+                f"{array.shape}" + (" (widths, not indices?)" if np.issubdtype(array.dtype, np.floating)
+                                    else ""))
+        return array.astype(np.int32)
 
     def sample(self, num_samples: int, *, seed: int = 0, schedule: str | np.ndarray = "auto",
                budget: float | None = None, seconds_budget: float | None = None,
                batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """float32 NHWC images in [-1, 1] (`ddsm_jax.utils.images.to_uint8` makes pixels). With
         `budget` or `seconds_budget`, the best schedule on offer within it (see `choose`)."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or \
+                num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or
+                                       batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if budget is not None or seconds_budget is not None:
             schedule = np.asarray(self.choose(budget=budget, seconds_budget=seconds_budget)
                                   .schedule, np.int32)
@@ -312,7 +334,7 @@ def measure_seconds(sampler: ScheduleSampler, params: Params, front: Sequence[Fr
 def export_run(config: ml_collections.ConfigDict, directory: PathLike, network: Network,
                diffusion: Diffusion, params: Params, schedule: WidthSchedule | None, *,
                validated: Sequence[dict[str, Any]] = (), step: int | None = None,
-               progress: bool = True) -> epath.Path:
+               weights: dict[str, Any] | None = None, progress: bool = True) -> epath.Path:
     """`--mode=export`: the artifact, its front with measured times, and
     `config.export.num_samples` samples drawn with the schedule (full width without one), as
     uint8 for guided-diffusion's evaluator."""
@@ -328,4 +350,4 @@ def export_run(config: ml_collections.ConfigDict, directory: PathLike, network: 
     front = measure_seconds(model.sampler, params, front, timing_noise, sample_key,
                             progress=progress)
     return save(directory, config, params, schedule, step=step, samples=to_uint8(images),
-                front=front)
+                front=front, weights=weights)

@@ -2,8 +2,10 @@
 each stage draws from. Every stage asks this module, so both are spelled once.
 
     WORKDIR/
-        config.json                 the resolved config of the latest run
-        checkpoints/<step>/         orbax: parameters, EMA parameters, optimizer and data-iterator state
+        config.json                 the resolved config of the latest run, once it fits the checkpoints
+        lock                        who runs in the workdir now (host, pid, command); empty when nobody
+        checkpoints/<step>/         orbax: parameters, EMA parameters, optimizer and data-iterator state,
+                                    and the network's identity (model, diffusion and data settings)
         metrics.jsonl               one JSON object per logged training step
         tensorboard/                the same scalars, and the sample grids, as event files
         samples/                    width_<w>.png and widths.png (step_<k>/ during training)
@@ -36,6 +38,10 @@ class Workdir:
     @property
     def config(self) -> epath.Path:
         return self.root / "config.json"
+
+    @property
+    def lock(self) -> epath.Path:
+        return self.root / "lock"
 
     @property
     def checkpoints(self) -> epath.Path:

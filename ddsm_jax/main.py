@@ -37,29 +37,54 @@ STAGES = {"train": ("grids",), "sample": ("grids",), "search": ("search",),
 
 def run(config, workdir: str, mode: str) -> None:
     # Imported here so that `--help` and flag errors answer without loading JAX.
+    import contextlib
+
     import jax
 
     from ddsm_jax.layout import Workdir
-    from ddsm_jax.training.train import load_trained, train
-    from ddsm_jax.utils.files import check_storage, write_text_atomically
+    from ddsm_jax.provenance import weights_id
+    from ddsm_jax.training.train import load_trained, record_config, require_checkpoint, train
+    from ddsm_jax.utils.files import check_storage
+    from ddsm_jax.utils.lock import WorkdirLock
 
     check_storage(workdir)  # a gs:// workdir that cannot be reached fails here, in seconds
     is_main = jax.process_index() == 0
     layout = Workdir(workdir)
-    if is_main:
-        write_text_atomically(layout.config, config.to_json_best_effort(indent=2))
     trains = mode in ("train", "all")
-    result = train(config, layout.root) if trains else load_trained(config, layout.root)
-    # Sampling, search, evaluation and export run on process 0 over its local devices.
-    if result.preempted or not is_main:
-        return
-    for stage in STAGES[mode]:
-        report = run_stage(stage, config, layout, result)
-        print(json.dumps({"stage": stage, "step": int(result.state.step), **report}), flush=True)
+    # Every input is checked before the workdir is created or touched.
+    dataset = check_inputs(config, mode)
+    if not trains and not layout.root.exists():
+        require_checkpoint(layout.root)  # fails; in a workdir that exists, after the lock
+    # Process 0 holds the workdir for the whole run; the other hosts of a pod follow it.
+    with WorkdirLock(layout.root) if is_main else contextlib.nullcontext():
+        result = train(config, layout.root, dataset) if trains else load_trained(config, layout.root)
+        # Sampling, search, evaluation and export run on process 0 over its local devices.
+        if result.preempted or not is_main:
+            return
+        if not trains:
+            record_config(layout, config)
+        weights = weights_id(int(result.state.step), result.state.ema_params)
+        for stage in STAGES[mode]:
+            report = run_stage(stage, config, layout, result, weights)
+            print(json.dumps({"stage": stage, "step": int(result.state.step), **report}), flush=True)
 
 
-def run_stage(stage: str, config, layout, result) -> dict:
-    """One stage on the trained EMA weights; returns what the user should see of it."""
+def check_inputs(config, mode: str):
+    """Fails, creating nothing, on a config or input file the run could not use; returns the
+    training data set where the mode trains (loading it is the check)."""
+    from ddsm_jax.data.pipeline import load_dataset
+    from ddsm_jax.models.network import check_widths
+    from ddsm_jax.width_schedule import load_schedule
+
+    check_widths(config.model.widths)
+    if config.eval.schedule and {"evaluate", "export"} & set(STAGES[mode]):
+        load_schedule(config.eval.schedule)
+    return load_dataset(config.data) if mode in ("train", "all") else None
+
+
+def run_stage(stage: str, config, layout, result, weights: dict) -> dict:
+    """One stage on the trained EMA weights (`weights`: their `weights_id`); returns what the user
+    should see of it."""
     params = result.state.ema_params
     if stage == "grids":
         from ddsm_jax.grids import WidthGrids
@@ -71,31 +96,39 @@ def run_stage(stage: str, config, layout, result) -> dict:
         from ddsm_jax.search.search import EvolutionarySearch
 
         schedule = EvolutionarySearch(config, layout.root, result.network, result.diffusion,
-                                      params).run()
+                                      params, weights=weights).run()
         return {"schedule": str(layout.schedule),
                 **{k: schedule.figures[k] for k in ("fd", "full_fd", "macs_ratio",
                                                     "network_evaluations",
                                                     "naive_network_evaluations")}}
+    from ddsm_jax.provenance import check_made_from
     from ddsm_jax.sampling import ScheduleSampler
     from ddsm_jax.width_schedule import find_schedule
 
     sampler = ScheduleSampler(result.network, result.diffusion, config.sampling)
     schedule = find_schedule(config.eval.schedule, layout.root, widths=result.network.widths,
                              sampler=sampler.method, timesteps=sampler.timesteps)
+    search_again = "run --mode=search (or --mode=all) again for these weights"
+    if schedule is not None and not config.eval.schedule:  # the workdir's own search
+        check_made_from(layout.schedule, schedule.figures.get("weights"), weights, search_again)
     if stage == "evaluate":
         from ddsm_jax.eval.evaluate import evaluate
 
         metrics = evaluate(config, layout.root, result.network, result.diffusion, params,
-                           schedule=schedule)
+                           schedule=schedule, weights=weights)
         return {"metrics": str(layout.eval_metrics),
                 **{k: metrics[k] for k in ("full", "uniform", "schedule", "noise")
                    if k in metrics}}
     from ddsm_jax.export import export_run
     from ddsm_jax.utils.files import read_json
 
-    validated = read_json(layout.pareto).get("validated", []) if layout.pareto.exists() else []
+    validated = []
+    if layout.pareto.exists():
+        pareto = read_json(layout.pareto)
+        check_made_from(layout.pareto, pareto.get("weights"), weights, search_again)
+        validated = pareto.get("validated", [])
     path = export_run(config, layout.export, result.network, result.diffusion, params,
-                      schedule, validated=validated, step=int(result.state.step))
+                      schedule, validated=validated, step=int(result.state.step), weights=weights)
     return {"export": str(path)}
 
 
@@ -113,6 +146,10 @@ def main(argv: list[str]) -> None:
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted; every file written so far is complete: rerun the same command to "
+              "go on from the last checkpoint or search generation", file=sys.stderr)
+        sys.exit(130)
 
 
 def cli() -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from ddsm_jax.data.pipeline import (  # noqa: E402
+    DataError,
     DataNotFoundError,
     ImageDataset,
     LazyImages,
@@ -319,3 +320,34 @@ def test_missing_afhq_says_where_to_put_it(tmp_path, partial):
 def test_config_channels_mismatch_for_tfds_set(tmp_path):
     with tfds.testing.mock_data(num_examples=2), pytest.raises(ValueError, match="channels=1"):
         load_dataset(_cfg("cifar10", tmp_path, channels=1))
+
+
+# --- damaged data -----------------------------------------------------------------------------
+
+def _damaged_copy(prepared_cifar10, tmp_path, damage) -> str:
+    source, _ = prepared_cifar10
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(source / "cifar10", data_dir / "cifar10")
+    damage(data_dir / "cifar10" / "3.0.2")
+    return data_dir
+
+
+def _garbage_info(folder):
+    (folder / "dataset_info.json").write_text("{ this is not json")
+
+
+def _random_records(folder):
+    rng = np.random.default_rng(1)
+    for path in folder.glob("*.array_record*"):
+        path.write_bytes(rng.integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("damage,what", [(_garbage_info, "dataset_info.json"),
+                                         (_random_records, "array_record")])
+def test_damaged_data_set_is_one_line_naming_the_data_set(prepared_cifar10, tmp_path, damage, what):
+    data_dir = _damaged_copy(prepared_cifar10, tmp_path, damage)
+    with pytest.raises(DataError) as error:
+        load_dataset(_cfg("cifar10", data_dir, image_size=32))
+    message = str(error.value)
+    assert "\n" not in message and "'cifar10'" in message and str(data_dir) in message, message
+    assert what in message and "tfds build cifar10" in message, message

@@ -86,9 +86,12 @@ def test_resumed_search_ends_like_an_uninterrupted_one(tmp_path, model, digits_c
     resumed = run_search(search_config(generations=3), tmp_path / "parts", model,
                          digits_classifier)
     # The same choice and scores; only the work differs: the resumed run's trajectory cache
-    # starts empty, so its first generation computes its children's prefixes again.
+    # starts empty, so its first generation computes its children's prefixes again. The
+    # schedule says so.
     work = "network_evaluations"
     assert resumed.figures.pop(work) >= uninterrupted.figures.pop(work)
+    assert resumed.figures.pop("resumed_after_generations") == [1]
+    assert "resumed_after_generations" not in uninterrupted.figures
     assert resumed == uninterrupted
     changed = search_config(generations=3)
     changed.search.macs_budget = 0.3

@@ -15,6 +15,7 @@ import numpy as np
 from ddsm_jax.data import embedded
 from ddsm_jax.data.preprocess import crop_then_resize, resize_shorter_then_crop
 from ddsm_jax.data.sources import (  # noqa: F401 - re-exported: the data layer's public names
+    DataError,
     DataNotFoundError,
     DatasetSpec,
     EmbeddedData,

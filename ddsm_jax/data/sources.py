@@ -32,6 +32,15 @@ class DataNotFoundError(FileNotFoundError):
     """
 
 
+class DataError(ValueError):
+    """A data set that is there but cannot be read (damaged files); the message says which."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 # --- random-access image sources ------------------------------------------------------------
 
 class LazyImages:
@@ -227,6 +236,13 @@ class TfdsData:
                     f"by random access")
         return None
 
+    def _damaged(self, name: str, data_dir: str, what: str, error: BaseException) -> DataError:
+        return DataError(
+            f"data set {name!r} (tfds {self.tfds_name!r}) in data_dir {data_dir!r} cannot be read: "
+            f"{what} are damaged ({_first_line(error)}); delete "
+            f"{os.path.join(data_dir, self.tfds_name)} and prepare it again with "
+            f"`{self.build_command(data_dir)}`")
+
     def open(self, name: str, data_cfg: ml_collections.ConfigDict) -> ImageDataset:
         tfds = _import_tfds()
         data_dir = _data_dir(data_cfg)
@@ -237,12 +253,19 @@ class TfdsData:
         except Exception as error:
             problem = self._not_ready(data_dir)
             if problem is None:
-                raise
+                raise self._damaged(name, data_dir, "dataset_info.json or its record files",
+                                    error) from error
             raise DataNotFoundError(
                 f"data set {name!r} (tfds {self.tfds_name!r}) {problem}: prepare it with "
                 f"`{self.build_command(data_dir)}` (the preparing machine needs "
                 f"`pip install {self.build_requires}`), or set data.data_dir to where it is prepared"
             ) from error
+        for split, source in ((self.train_split, train), (self.eval_split, held_out)):
+            try:  # damaged record files fail on first read: here, not steps into training
+                source[0], source[len(source) - 1]
+            except Exception as error:
+                raise self._damaged(name, data_dir, f"the {split} split's array_record files",
+                                    error) from error
         preprocess = functools.partial(preprocess_tfds_example, fit=self.fit, size=size)
         shape = (size, size, 3)
         return ImageDataset(

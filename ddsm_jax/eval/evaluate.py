@@ -34,8 +34,9 @@ GRID_IMAGES = 64
 
 def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
              diffusion: Diffusion, params: Params, *, schedule: WidthSchedule | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Samples `config.eval.num_samples` images per entry, scores them, writes the results."""
+             weights: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Samples `config.eval.num_samples` images per entry, scores them, writes the results
+    (with `weights`, the `weights_id` of `params`)."""
     layout = Workdir(workdir)
     extractor, extractor_info = feature_extractor(config, workdir)
     reference = reference_statistics(config, extractor, workdir, progress=progress)
@@ -88,6 +89,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         "sampler": {"method": sampler.method, "num_steps": sampler.num_steps},
         "features": {"name": extractor.name, "dim": extractor.dim, **extractor_info},
         "reference": reference.source,
+        "weights": weights,
     }
     write_json(layout.eval_metrics, metrics)
     return metrics

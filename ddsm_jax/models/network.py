@@ -30,7 +30,20 @@ class Network:
         return nnx.merge(self.graphdef, params)(x, t, width=width, dropout_rng=dropout_rng)
 
 
+def check_widths(widths: Any) -> None:
+    """A clear error for a width list the supernet cannot be built with."""
+    try:
+        values = [float(w) for w in widths]
+    except (TypeError, ValueError):
+        raise ValueError(f"config.model.widths={widths!r} must be a list of numbers in (0, 1], "
+                         f"e.g. '(1.0,0.75,0.5,0.25)'") from None
+    if not values or not all(0 < w <= 1 for w in values) or len(set(values)) != len(values):
+        raise ValueError(f"config.model.widths={tuple(widths)!r} must be distinct numbers in "
+                         f"(0, 1], at least one, e.g. '(1.0,0.75,0.5,0.25)'")
+
+
 def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
+    check_widths(config.model.widths)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.layout import Stream, Workdir
 from ddsm_jax.models.network import Network
+from ddsm_jax.provenance import describe_weights
 from ddsm_jax.search import genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
 from ddsm_jax.search.scorer import ScheduleScorer
@@ -46,6 +48,11 @@ class SearchState:
     # macs_ratio}}: the scores on the validation noise of every uniform width, the objective's
     # shortlist and a spread of the front (the schedules an export offers at each price)
     validation: dict[str, Any] | None = None
+    # `weights_id` of the weights searched; a state made for other weights is searched again
+    weights: dict[str, Any] | None = None
+    # generations after which a run was resumed: each resume starts with an empty trajectory
+    # cache, so its network evaluations differ from an uninterrupted search's
+    resumed_after: list[int] = dataclasses.field(default_factory=list)
 
 
 VALIDATION_SETTINGS = ("validation_samples", "validation_candidates", "validation_front")
@@ -61,8 +68,11 @@ def _unkey(key: str) -> np.ndarray:
 
 class EvolutionarySearch:
     def __init__(self, config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
-                 diffusion: Diffusion, params: Params, *, progress: bool = True):
+                 diffusion: Diffusion, params: Params, *, progress: bool = True,
+                 weights: dict[str, Any] | None = None):
+        """`weights`: `weights_id` of `params`, recorded in every file the search writes."""
         self.config = config
+        self.weights = weights
         self.search = config.search
         self.layout = Workdir(workdir)
         self.progress = progress
@@ -169,6 +179,10 @@ class EvolutionarySearch:
         except (ValueError, TypeError) as error:
             raise SearchError(f"{path} is not a search state ({error}); delete it to start the "
                               f"search again") from error
+        if self.weights is not None and state.weights != self.weights:
+            print(f"{path} was made for {describe_weights(state.weights)}; searching again for "
+                  f"{describe_weights(self.weights)}", file=sys.stderr, flush=True)
+            return None
         if state.fingerprint != json.loads(json.dumps(self.fingerprint)):
             raise SearchError(f"{path} belongs to a search with other settings (config.search, "
                               f"sampling, seed or widths changed); delete {self.layout.search} or use "
@@ -195,8 +209,11 @@ class EvolutionarySearch:
                       f"{self.search.num_samples} samples", flush=True)
             work = self._score_new(population, archive)
             state = SearchState(0, population.tolist(), archive, rng.bit_generator.state,
-                                [self._record(0, population, archive, work)], self.fingerprint)
+                                [self._record(0, population, archive, work)], self.fingerprint,
+                                weights=self.weights)
             self._save_state(state)
+        elif state.generation < self.search.generations:
+            state.resumed_after.append(state.generation)
         # The bar starts after the seeds are scored, so that its rate leaves compilation out.
         bar = tqdm(total=self.search.generations + 1, initial=state.generation + 1,
                    unit="generation", desc="search", disable=not self.progress)
@@ -295,13 +312,15 @@ class EvolutionarySearch:
             objective=self.search.objective, generations=state.generation,
             search_samples=int(self.search.num_samples), **validation,
             network_evaluations=network_calls, naive_network_evaluations=naive_calls,
-            features=self.scorer.extractor.name)
+            features=self.scorer.extractor.name, weights=self.weights,
+            **({"resumed_after_generations": state.resumed_after} if state.resumed_after else {}))
         schedule.save(self.layout.schedule)
         front = np.flatnonzero(objectives.pareto_ranks(fd, macs_ratio) == 0)
         front = front[np.argsort(macs_ratio[front])]
         uniform = [{"width": w, **state.archive[_key(np.full(self.ops.num_steps, i))]}
                    for i, w in enumerate(self.scorer.sampler.network.widths)]
-        pareto = {"front": [{"schedule": _unkey(keys[i]).tolist(), **state.archive[keys[i]]}
+        pareto = {"weights": self.weights,
+                  "front": [{"schedule": _unkey(keys[i]).tolist(), **state.archive[keys[i]]}
                             for i in front],
                   "uniform": uniform,
                   "chosen": {"schedule": schedule.to_json()["schedule"],

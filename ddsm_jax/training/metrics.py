@@ -53,9 +53,10 @@ class MetricWriter:
     """`metrics.jsonl` (one object per logged step) and `tensorboard/` in the workdir.
 
     A run resumed from step s keeps the lines of steps up to s and drops later ones, which it is
-    about to log again. The file is rewritten whole at each write (object stores such as gs://
-    cannot append), atomically. On processes other than 0 every method is a no-op, so callers need
-    no branches.
+    about to log again; its TensorBoard events start with a purge marker at s + 1, which makes
+    TensorBoard drop the earlier run's events past s too. The file is rewritten whole at each
+    write (object stores such as gs:// cannot append), atomically. On processes other than 0
+    every method is a no-op, so callers need no branches.
     """
 
     def __init__(self, workdir: Workdir, start_step: int = 0, enabled: bool = True):
@@ -69,7 +70,8 @@ class MetricWriter:
         if self._path.exists():
             self._lines = [line for line in self._path.read_text().splitlines()
                            if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        self._tensorboard = SummaryWriter(str(workdir.tensorboard))
+        self._tensorboard = SummaryWriter(str(workdir.tensorboard),
+                                          purge_step=start_step + 1 if start_step else None)
 
     def write_scalars(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

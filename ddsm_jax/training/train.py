@@ -17,17 +17,18 @@ import ml_collections
 from tqdm import tqdm
 
 from ddsm_jax.common_types import PathLike
-from ddsm_jax.data.pipeline import load_dataset, train_batches
+from ddsm_jax.data.pipeline import ImageDataset, load_dataset, train_batches
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
 from ddsm_jax.grids import WidthGrids
 from ddsm_jax.layout import Stream, Workdir, stream_key
 from ddsm_jax.models.network import Network, init_network
-from ddsm_jax.training.checkpoint import Checkpointer
+from ddsm_jax.training.checkpoint import Checkpointer, network_identity
 from ddsm_jax.training.metrics import MetricWriter
 from ddsm_jax.training.preemption import PreemptionWatch
 from ddsm_jax.training.sandwich import sandwich_widths, sandwiches_between
 from ddsm_jax.training.sharding import batch_sharding, global_batch, make_mesh
 from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step, sharded_train_state
+from ddsm_jax.utils.files import write_text_atomically
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,11 +59,19 @@ def _initial_state(config: ml_collections.ConfigDict) -> tuple[Network, TrainSta
     return network, state, sharding
 
 
-def train(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
-    """Trains (or resumes training of) the supernet in `workdir` up to training.num_steps."""
+def record_config(layout: Workdir, config: ml_collections.ConfigDict) -> None:
+    """config.json: the latest run's config, written once the run is known to fit the workdir."""
+    write_text_atomically(layout.config, config.to_json_best_effort(indent=2))
+
+
+def train(config: ml_collections.ConfigDict, workdir: PathLike,
+          dataset: ImageDataset | None = None) -> TrainResult:
+    """Trains (or resumes training of) the supernet in `workdir` up to training.num_steps.
+    `dataset`: the loaded `config.data` (loaded here when None)."""
     layout = Workdir(workdir)
     training = config.training
-    dataset = load_dataset(config.data)  # first: a missing data set should fail before compiling
+    if dataset is None:
+        dataset = load_dataset(config.data)  # first: a missing data set should fail before compiling
     process_count, is_main = jax.process_count(), jax.process_index() == 0
     mesh = make_mesh(config.mesh)
     if training.batch_size % mesh.size:
@@ -80,11 +89,14 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
                             random_flip=config.data.random_flip,
                             process_index=jax.process_index(), process_count=process_count)
 
-    checkpointer = Checkpointer(layout.checkpoints, max_to_keep=training.keep_checkpoints)
+    checkpointer = Checkpointer(layout.checkpoints, max_to_keep=training.keep_checkpoints,
+                                identity=network_identity(config))
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state, data_state = restored
         batches.set_state(data_state)
+    if is_main:
+        record_config(layout, config)
 
     train_step = make_train_step(network, diffusion, training, state_sharding=state_sharding,
                                  batch_sharding=data_sharding)
@@ -110,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
             widths = sandwich_widths(network.widths, config.seed, step)
             batch = global_batch(next(batches), data_sharding)
             state, metrics = compiled[widths](state, batch, rng)
+            checkpointer.check_for_errors()  # a failed background save stops the run at once
             window_steps += 1
             done = step + 1
             if done % training.log_every == 0 or done == training.num_steps:
@@ -136,16 +149,27 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
         progress.close()
         preemption.close()
         writer.close()
-        checkpointer.wait()
-        checkpointer.close()
+        try:
+            checkpointer.wait()  # raises if the last save failed
+        finally:
+            checkpointer.close()
     return TrainResult(network, diffusion, state, preempted)
+
+
+def require_checkpoint(workdir: PathLike) -> None:
+    """Fails, creating nothing, unless `workdir` holds a finished checkpoint."""
+    checkpoints = Workdir(workdir).checkpoints
+    if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}; "
+                                f"run --mode=train with this --workdir first")
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
     """The latest checkpoint of `workdir`; a clear error when there is none."""
-    network, state, _ = _initial_state(config)
     checkpoints = Workdir(workdir).checkpoints
-    checkpointer = Checkpointer(checkpoints)
+    require_checkpoint(workdir)
+    network, state, _ = _initial_state(config)
+    checkpointer = Checkpointer(checkpoints, identity=network_identity(config))
     restored = checkpointer.restore_latest(state)
     checkpointer.close()
     if restored is None:
