@@ -71,3 +71,26 @@ def test_the_machine_line_names_the_cpu_model_and_its_vector_unit(tmp_path):
     cpuinfo.write_text(processor.format(n=0, wide=""))
     assert cpu_model(cpuinfo) == "AMD EPYC (family 25, model 17, AVX2)"
     assert cpu_model(tmp_path / "missing")  # no /proc (macOS): the platform name or a placeholder
+
+
+def test_accelerator_smoke_runs_every_section_and_writes_json_lines(tmp_path):
+    """The device script's code path on CPU, so it cannot rot between sessions with a device."""
+    result = _process("benchmarks.accelerator", "--smoke", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "accelerator.jsonl").read_text().splitlines()]
+    sections = [row["section"] for row in rows]
+    assert sections[0] == "device" and "skipped" not in sections and "error" not in sections, rows
+    assert sections.count("peak") == 2 and sections.count("train") == 2  # float32, bfloat16
+    tests = next(row for row in rows if row["section"] == "tests")
+    assert tests["returncode"] == 0 and tests["tests"] > 0 and tests["failures"] == 0
+    for row in rows:
+        if row["section"] == "train":
+            assert row["tflops"] > 0 and row["mfu"] > 0
+    sampling = [row for row in rows if row["section"] == "sampling"]
+    assert [row["schedule"] for row in sampling] == ["1", "0.5"]
+    assert sampling[0]["time_ratio"] == sampling[0]["macs_ratio"] == 1.0
+    assert all(row["saving"] is not None for row in sampling[1:])
+    population = next(row for row in rows if row["section"] == "population")
+    assert population["candidate_image_steps_per_sec"] > 0
+    for header in ("## peak", "## train", "## sampling", "## population", "# total"):
+        assert header in result.stdout

@@ -174,6 +174,18 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_ctrl_c_saves(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, len(lines) + 1))
 
 
+def test_sigterm_asks_for_the_same_save_and_stop_as_ctrl_c():
+    """Preemption (SIGTERM) takes the path the Ctrl-C test above runs end to end."""
+    watch = PreemptionWatch()
+    try:
+        assert not watch.should_stop(None, 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.should_stop(None, 1)
+    finally:
+        watch.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_second_ctrl_c_interrupts_at_once():
     watch = PreemptionWatch()
     try:
@@ -376,7 +388,9 @@ def test_the_python_api_refuses_what_it_cannot_mean(tmp_path):
     assert model.sample(2, schedule=np.full(steps, 1)).shape == (2, 8, 8, 1)
 
 
-def test_a_killed_export_leaves_no_hidden_folders(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["full disk", "ctrl-c"])
+def test_a_failed_export_leaves_no_hidden_folders(tmp_path, monkeypatch, fault):
     from ddsm_jax import export
     from ddsm_jax.models.network import init_network
     from tests.helpers import tiny_config
@@ -386,12 +400,12 @@ def test_a_killed_export_leaves_no_hidden_folders(tmp_path, monkeypatch):
     (tmp_path / ".export.tmp999999").mkdir()  # left by an export that was killed
     (tmp_path / ".export.old999999").mkdir()
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def fail(*args, **kwargs):
+        raise fault
 
     with monkeypatch.context() as patch:
-        patch.setattr(export, "write_json", full_disk)
-        with pytest.raises(OSError, match="No space left"):
+        patch.setattr(export, "write_json", fail)
+        with pytest.raises(type(fault)):
             export.save(tmp_path / "export", config, params)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     export.save(tmp_path / "export", config, params)

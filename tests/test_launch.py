@@ -34,7 +34,8 @@ def tpu_pod(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck is not installed (apt-get install shellcheck)")
-@pytest.mark.parametrize("script", [TPU_POD, SLURM], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [TPU_POD, SLURM, ROOT / "benchmarks" / "accelerator.sh"],
+                         ids=lambda p: p.name)
 def test_shellcheck_finds_nothing(script):
     done = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True,
                           text=True)

@@ -38,12 +38,11 @@ def network_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that decide what a set of weights computes; a JSON-able dict."""
     model = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_ONLY}
     data = {k: config.data[k] for k in ("name", "image_size", "channels")}
-    return ml_collections.ConfigDict({"model": model, "diffusion": config.diffusion.to_dict(),
-                                      "data": data}).to_dict()
+    return {"model": model, "diffusion": config.diffusion.to_dict(), "data": data}
 
 
 def identity_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """'key: saved -> now' for every setting that differs (lists and tuples compare equal)."""
+    """One phrase per setting that differs (a JSON list and a config tuple compare equal)."""
     differences = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)

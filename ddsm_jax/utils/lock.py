@@ -101,6 +101,7 @@ class WorkdirLock:
                   f"heartbeat for {age:.0f} s", file=sys.stderr)
         holder = _holder()
         write_json(self.path, holder)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, args=(holder,), daemon=True)
         self._thread.start()
 
