@@ -38,6 +38,7 @@ from ddsm_jax.sampling import ScheduleSampler, initial_noise
 from ddsm_jax.search.population import PopulationSampler
 from ddsm_jax.training.sandwich import sandwich_widths
 from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step
+from ddsm_jax.utils.errors import summary
 from ddsm_jax.width_schedule import load_schedule
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU check of this script: the tiny digits config, "
@@ -280,9 +281,7 @@ def main(argv: list[str]) -> None:
         try:
             run_section(section, report, chosen, repeats, peaks)
         except Exception as error:  # one failing section must not lose the others' figures
-            lines = str(error).strip().splitlines()
-            report.add("error", name=section, error=f"{type(error).__name__}: "
-                                                  f"{lines[0] if lines else ''}"[:500])
+            report.add("error", name=section, error=summary(error, limit=500))
         print(f"# {section}: {time.perf_counter() - section_start:.1f} s", flush=True)
     report.print_tables()
     print(f"# total {time.perf_counter() - start:.1f} s; results in {report.path}")

@@ -41,6 +41,7 @@ from ml_collections import config_flags
 
 from ddsm_jax.common_types import PathLike
 from ddsm_jax.utils.cli import run_program
+from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -93,8 +94,8 @@ def tpu_devices(topology: str) -> list[Any]:
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as error:  # libtpu reports unknown names with assorted internal errors
-        raise AotError(f"libtpu cannot describe topology {topology!r}: "
-                       f"{str(error).splitlines()[0]}") from error
+        raise AotError(f"libtpu cannot describe topology {topology!r}: {summary(error)}"
+                       ) from error
 
 
 def sandwich_width_sets(widths: Sequence[float]) -> list[tuple[float, ...]]:

@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.utils.cli import run_program
+from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import read_json
 
 TIME_TABLE_KEY = "time_embedding.timembedding.0.weight"
@@ -185,10 +186,9 @@ def load_release_checkpoint(path: PathLike, *, use_ema: bool = True,
         with path.open("rb") as handle:
             checkpoint = torch.load(handle, map_location="cpu", weights_only=not trusted)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         hint = "" if trusted else " (if it is a trusted non-tensor pickle, pass --trust_pickle)"
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {type(error).__name__}: "
-                         f"{message[:200]}{hint}") from error
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {summary(error)}{hint}"
+                         ) from error
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not the release's "
                          f"checkpoint dict (net_model, ema_model, ...)")

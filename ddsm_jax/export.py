@@ -45,6 +45,7 @@ from ddsm_jax.layout import Stream, stream_key
 from ddsm_jax.models.cost import macs_table, schedule_cost
 from ddsm_jax.models.network import Network, abstract_network, param_count
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
+from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import (
     as_path,
     is_remote,
@@ -296,8 +297,8 @@ def load(path: PathLike) -> ExportedModel:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(as_path(path / PARAMS), target)
     except Exception as error:  # orbax raises many types; the user needs one line
-        raise ExportError(f"cannot read the parameters in {path / PARAMS}: "
-                          f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
+        raise ExportError(f"cannot read the parameters in {path / PARAMS}: {summary(error)}"
+                          ) from error
     schedule = None
     if (path / SCHEDULE).is_file():
         schedule = schedule_from_json(read_json(path / SCHEDULE))

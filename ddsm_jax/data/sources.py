@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from ddsm_jax.data.preprocess import Fit, preprocess_tfds_example, read_image_file
+from ddsm_jax.utils.errors import summary
 
 Loader = Callable[[], tuple[np.ndarray, np.ndarray]]
 
@@ -34,11 +35,6 @@ class DataNotFoundError(FileNotFoundError):
 
 class DataError(ValueError):
     """A data set that is there but cannot be read (damaged files); the message says which."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # --- random-access image sources ------------------------------------------------------------
@@ -239,7 +235,7 @@ class TfdsData:
     def _damaged(self, name: str, data_dir: str, what: str, error: BaseException) -> DataError:
         return DataError(
             f"data set {name!r} (tfds {self.tfds_name!r}) in data_dir {data_dir!r} cannot be read: "
-            f"{what} are damaged ({_first_line(error)}); delete "
+            f"{what} are damaged ({summary(error)}); delete "
             f"{os.path.join(data_dir, self.tfds_name)} and prepare it again with "
             f"`{self.build_command(data_dir)}`")
 

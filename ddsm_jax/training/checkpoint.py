@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddsm_jax.common_types import PathLike
+from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import as_path, is_remote
 
 # Model settings that change how the network is computed, not what it computes.
@@ -124,10 +125,9 @@ class Checkpointer:
         while cause.__cause__ is not None and not isinstance(cause, OSError):
             cause = cause.__cause__
         return CheckpointSaveError(
-            f"writing a checkpoint to {self.directory} failed ({type(cause).__name__}: "
-            f"{str(cause).splitlines()[0] if str(cause) else ''}); the run stopped. The last "
-            f"complete checkpoint ({self.latest_step()}) is intact: fix the cause (free space, "
-            f"permissions) and rerun the same command to resume from it")
+            f"writing a checkpoint to {self.directory} failed ({summary(cause)}); the run "
+            f"stopped. The last complete checkpoint ({self.latest_step()}) is intact: fix the "
+            f"cause (free space, permissions) and rerun the same command to resume from it")
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint, or None when there is none; never a silent fresh start, never
@@ -151,7 +151,7 @@ class Checkpointer:
         except Exception as error:  # orbax raises many types; the user needs one message
             raise CheckpointError(
                 f"cannot restore checkpoint step {step} from {where}: "
-                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} -- it is "
+                f"{summary(error)} -- it is "
                 f"corrupt or was written by a different config; delete it or use another --workdir"
             ) from error
         if not bool(all_finite(restored.state)):
