@@ -25,6 +25,17 @@ def resolve_config_path(value: str) -> str:
     return value
 
 
+def config_value(argv: Sequence[str], flag: str = "config") -> str | None:
+    """The value `argv` gives `--config` (as `--config=X` or `--config X`), or None."""
+    equals, separate = f"--{flag}=", f"--{flag}"
+    for i, arg in enumerate(argv):
+        if arg.startswith(equals):
+            return arg[len(equals):]
+        if arg == separate and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def resolve_config_args(argv: Sequence[str], flag: str = "config") -> list[str]:
     """`argv` with the value of `--config=...` (or `--config ...`) passed through
     `resolve_config_path`."""

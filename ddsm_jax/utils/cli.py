@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
-from ddsm_jax.configs import resolve_config_args
+from ddsm_jax.configs import config_value, resolve_config_args
 
 _OVERRIDE = re.compile(r"^--?config\.([\w.]+)(?:=|$)")
 
@@ -55,8 +55,7 @@ def _parser(argv: list[str]) -> list[str]:
 def _one_line(error: Exception, argv: list[str]) -> str:
     text = str(error)
     if "No such file or directory" in text and "config" in text:
-        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-        return (f"no config file {path}: give one such as configs/digits.py or "
+        return (f"no config file {config_value(argv)}: give one such as configs/digits.py or "
                 f"configs/digits.py:tiny")
     if "config." in text or not isinstance(error, flags.Error):
         config = _loaded_config(argv)
@@ -72,17 +71,15 @@ def _loaded_config(argv: list[str]):
     """The config file named by --config, loaded without its overrides (None if it cannot be)."""
     import runpy
 
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--config=") else \
-            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
-        if value:
-            path, _, variant = value.partition(":")
-            try:
-                get_config = runpy.run_path(path)["get_config"]
-                return get_config(variant) if variant else get_config()
-            except Exception:
-                return None
-    return None
+    value = config_value(argv)
+    if not value:
+        return None
+    path, _, variant = value.partition(":")
+    try:
+        get_config = runpy.run_path(path)["get_config"]
+        return get_config(variant) if variant else get_config()
+    except Exception:
+        return None
 
 
 def run_program(main: Callable[[list[str]], None], *, required: Sequence[str] = ()) -> None:
