@@ -25,11 +25,10 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import machine, median_seconds
+from benchmarks.common import machine, matmul_peak_gflops, median_seconds
 from ddsm_jax import configs
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.cost import macs_table
@@ -124,19 +123,6 @@ def _cell(value) -> str:
     if isinstance(value, list):
         return f"{len(value)} listed"
     return str(value)
-
-
-def peak_tflops(dtype: str, sizes: tuple[int, ...], repeats: int) -> float:
-    """The best matmul rate over `sizes` in `dtype` (float32 at JAX's default precision, which on
-    tensor-core GPUs may use TF32)."""
-    matmul = jax.jit(jnp.matmul)
-    best = 0.0
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-        seconds, _ = median_seconds(lambda a=a, b=b: matmul(a, b), repeats)
-        best = max(best, 2 * n**3 / seconds / 1e12)
-    return best
 
 
 def run_tests(report: Report, paths: list[str]) -> None:
@@ -240,7 +226,8 @@ def run_section(section: str, report: Report, chosen: dict, repeats: int,
     """One section's rows into `report`; each section builds its own config from scratch."""
     if section == "peak":
         for dtype in DTYPES:
-            peaks[dtype] = peak_tflops(dtype, chosen["peak_sizes"], max(repeats, 3))
+            # float32 at JAX's default precision, which on tensor-core GPUs may use TF32
+            peaks[dtype] = matmul_peak_gflops(chosen["peak_sizes"], max(repeats, 3), dtype) / 1e3
             report.add("peak", dtype=dtype, tflops=peaks[dtype])
         return
     if section == "tests":

@@ -30,14 +30,15 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, Comp
     return statistics.median(times), compiles
 
 
-def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10) -> float:
-    """The best float32 matmul rate over `sizes`: the ceiling the model's GFLOP/s is read
+def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048), repeats: int = 10,
+                       dtype: str = "float32") -> float:
+    """The best matmul rate in `dtype` over `sizes`: the ceiling the model's GFLOP/s is read
     against, measured in the same run because these machines are shared and noisy."""
     best = 0.0
     matmul = jax.jit(jnp.matmul)
     for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         seconds, _ = median_seconds(functools.partial(matmul, a, b), repeats)
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best

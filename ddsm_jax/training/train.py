@@ -156,12 +156,16 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
     return TrainResult(network, diffusion, state, preempted)
 
 
+def _no_checkpoint(checkpoints: PathLike) -> FileNotFoundError:
+    return FileNotFoundError(f"no checkpoint in {checkpoints}; "
+                             f"run --mode=train with this --workdir first")
+
+
 def require_checkpoint(workdir: PathLike) -> None:
     """Fails, creating nothing, unless `workdir` holds a finished checkpoint."""
     checkpoints = Workdir(workdir).checkpoints
     if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}; "
-                                f"run --mode=train with this --workdir first")
+        raise _no_checkpoint(checkpoints)
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainResult:
@@ -172,7 +176,6 @@ def load_trained(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainR
     checkpointer = Checkpointer(checkpoints, identity=network_identity(config))
     restored = checkpointer.restore_latest(state)
     checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}; "
-                                f"run --mode=train with this --workdir first")
+    if restored is None:  # step folders orbax does not count as checkpoints
+        raise _no_checkpoint(checkpoints)
     return TrainResult(network, diffusion_from_config(config.diffusion), restored[0])
