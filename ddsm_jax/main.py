@@ -137,10 +137,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from ddsm_jax.utils.compilation_cache import enable_compilation_cache
     from ddsm_jax.utils.distributed import initialize_distributed
+    from ddsm_jax.utils.errors import quiet_background_failures
 
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     enable_compilation_cache()
     logging.set_verbosity(logging.WARNING)
+    quiet_background_failures()
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:

@@ -92,7 +92,7 @@ def test_nan_weights_never_replace_the_good_checkpoints(trained):
     done = run_main(*FAST, f"--workdir={trained}", "--config.training.num_steps=120",
                     "--config.training.learning_rate=1e8", "--config.training.warmup_steps=1",
                     "--config.training.log_every=100", "--config.training.checkpoint_every=10")
-    one_line_error(done, "NaN or infinite", "last checkpoint (8) is intact")
+    one_line_error(done, "NaN or infinite", "last complete checkpoint (8) is intact")
     assert checkpoint_steps(trained) == [4, 8]
     again = run_main(*FAST, f"--workdir={trained}", "--mode=sample")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -265,7 +265,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(small_disk, tmp_path):
-    workdir = small_disk(16) / "run"  # room for one checkpoint, not for a second beside it
+    workdir = small_disk(20) / "run"  # room for one checkpoint, not for a second beside it
     done = run_main(*FAST, f"--workdir={workdir}", "--config.training.num_steps=400",
                     "--config.training.checkpoint_every=2", "--config.training.keep_checkpoints=1")
     one_line_error(done, "no room for checkpoint step 4", "last complete checkpoint (2) is intact")
@@ -279,6 +279,20 @@ def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(small_d
     sampled = run_main(*FAST, f"--workdir={copy}", "--mode=sample")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert json.loads(sampled.stdout.strip().splitlines()[-1])["step"] == steps[-1]
+
+
+def test_a_write_that_fails_half_way_is_one_line_too(small_disk):
+    """The room check cannot foresee another process filling the disk: with it switched off, the
+    write fails in orbax's background threads, and the user still sees one line, no traceback."""
+    workdir = small_disk(8) / "run"
+    switched_off = ("import sys; from ddsm_jax.training import checkpoint; "
+                    "checkpoint.Checkpointer._check_room = lambda *args: None; "
+                    "from ddsm_jax import main; sys.argv[0] = 'ddsm-jax'; main.cli()")
+    done = subprocess.run([sys.executable, "-c", switched_off, *FAST, f"--workdir={workdir}",
+                           "--config.training.num_steps=40", "--config.training.checkpoint_every=2"],
+                          capture_output=True, text=True)
+    one_line_error(done, "writing a checkpoint to", "no space left on the device",
+                   "No checkpoint was complete yet")
 
 
 def test_a_read_only_workdir_is_one_line(small_disk, trained_once):

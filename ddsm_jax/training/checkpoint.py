@@ -27,6 +27,9 @@ from ddsm_jax.utils.files import as_path, is_remote
 COMPUTE_ONLY = ("dtype", "remat", "weight_grad_chunk")
 
 
+_NO_SPACE = "No space left on device"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run's state."""
 
@@ -86,8 +89,8 @@ class Checkpointer:
         if not bool(all_finite(state)):
             raise FloatingPointError(
                 f"the weights hold NaN or infinite values at step {step}; not saving them. "
-                f"The last checkpoint ({self.latest_step()}) is intact: lower "
-                f"training.learning_rate or training.grad_clip and rerun to resume from it")
+                f"{self._what_is_kept()}: lower training.learning_rate or training.grad_clip "
+                f"and rerun the same command")
         items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
         if self.identity is not None:
             items["identity"] = ocp.args.JsonSave(self.identity)
@@ -109,9 +112,8 @@ class Checkpointer:
         if free < needed:
             raise CheckpointSaveError(
                 f"no room for checkpoint step {step} in {self.directory}: it needs "
-                f"{needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; the run stopped. The last "
-                f"complete checkpoint ({self.latest_step()}) is intact: free space and rerun the "
-                f"same command to resume from it")
+                f"{needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; the run stopped. "
+                f"{self._what_is_kept()}: free space and rerun the same command")
 
     def check_for_errors(self) -> None:
         """Raises `CheckpointSaveError` if a background write has failed."""
@@ -124,10 +126,19 @@ class Checkpointer:
         cause = error
         while cause.__cause__ is not None and not isinstance(cause, OSError):
             cause = cause.__cause__
+        # A full disk reaches here as an OSError or as tensorstore's RESOURCE_EXHAUSTED, whose
+        # first line is too long to show where the disk-full part comes.
+        reason = "no space left on the device" if _NO_SPACE in str(cause) else summary(cause)
         return CheckpointSaveError(
-            f"writing a checkpoint to {self.directory} failed ({summary(cause)}); the run "
-            f"stopped. The last complete checkpoint ({self.latest_step()}) is intact: fix the "
-            f"cause (free space, permissions) and rerun the same command to resume from it")
+            f"writing a checkpoint to {self.directory} failed ({reason}); the run "
+            f"stopped. {self._what_is_kept()}: fix the cause (free space, permissions) and "
+            f"rerun the same command")
+
+    def _what_is_kept(self) -> str:
+        step = self.latest_step()
+        if step is None:
+            return "No checkpoint was complete yet"
+        return f"The last complete checkpoint ({step}) is intact and the rerun resumes from it"
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint, or None when there is none; never a silent fresh start, never

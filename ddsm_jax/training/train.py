@@ -10,6 +10,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
     progress = tqdm(range(start, training.num_steps), initial=start, total=training.num_steps,
                     desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
     window_start, window_steps, preempted = time.perf_counter(), 0, False
+    # checkpointer.wait raises if the last save failed.
+    cleanup = [progress.close, preemption.close, writer.close, checkpointer.wait,
+               checkpointer.close]
     try:
         for step in progress:
             widths = sandwich_widths(network.widths, config.seed, step)
@@ -145,15 +149,25 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
                 progress.write(f"stopping after step {done} on request; checkpoint saved, rerun the "
                                f"same command to resume", file=sys.stderr)
                 break
-    finally:
-        progress.close()
-        preemption.close()
-        writer.close()
-        try:
-            checkpointer.wait()  # raises if the last save failed
-        finally:
-            checkpointer.close()
+    except BaseException:
+        _clean_up(cleanup, error_in_flight=True)
+        raise
+    _clean_up(cleanup, error_in_flight=False)
     return TrainResult(network, diffusion, state, preempted)
+
+
+def _clean_up(steps: list[Callable[[], None]], error_in_flight: bool) -> None:
+    """Runs every clean-up step. The first failure is raised once all have run, unless an error
+    is already on its way to the user: a clean-up failing for the same cause (a full disk) must
+    not replace it."""
+    first = None
+    for step in steps:
+        try:
+            step()
+        except Exception as error:
+            first = first or error
+    if first is not None and not error_in_flight:
+        raise first
 
 
 def _no_checkpoint(checkpoints: PathLike) -> FileNotFoundError:
