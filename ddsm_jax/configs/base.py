@@ -33,6 +33,18 @@ def base_config() -> ml_collections.ConfigDict:
     # one, XLA's default, which slows down as the batch grows; see ddsm_jax/models/conv.py).
     config.model.weight_grad_chunk = 4
 
+    # The step-aware method (docs/strategies.md): 'ddsm', one slimmable U-Net with a searched
+    # width per sampling step; 'multistage' (Zhang, Lu et al., arXiv 2312.09181), a shared
+    # encoder with one decoder per timestep stage, each of its own size.
+    config.strategy = "ddsm"
+    config.multistage = ml_collections.ConfigDict()
+    # Decoder base channels as fractions of model.ch, one per stage, low noise to high. The
+    # paper's CIFAR-10 decoders: 192, 128 and 16 channels beside an encoder of 128.
+    config.multistage.decoder_ratios = (1.5, 1.0, 0.125)
+    # The first timestep of stages 2..K. The paper's CIFAR-10 stages (VP t = 0.442, 0.6308);
+    # a data set's own come from `ddsm_jax.strategies.stage_split.stage_boundaries`.
+    config.multistage.boundaries = (442, 631)
+
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000
     config.diffusion.beta_schedule = "linear"

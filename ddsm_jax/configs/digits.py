@@ -30,6 +30,12 @@ def get_config(variant: str = ""):
     # doubles the compile time (benchmarks.train_step --weight_grad_chunks=0,4).
     config.model.weight_grad_chunk = 0
 
+    # --config.strategy=multistage: decoders of 48, 32 and 8 channels (8 is the narrowest that
+    # 4 GroupNorm groups allow), and the stages the optimal-denoiser clustering finds on these
+    # digits (tests/test_stage_split.py recomputes them).
+    config.multistage.decoder_ratios = (1.5, 1.0, 0.25)
+    config.multistage.boundaries = (126, 176)
+
     config.training.batch_size = 64
     config.training.num_steps = 2000
     config.training.learning_rate = 1e-3

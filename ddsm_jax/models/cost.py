@@ -13,12 +13,13 @@ from ddsm_jax.models import macs
 from ddsm_jax.models.network import Network
 
 
-def width_macs(network: Network, params: Params, width: float) -> macs.MacCounter:
-    """MACs of one image through the width-`width` sub-network (shapes only, nothing runs)."""
+def width_macs(network: Network, params: Params, width: float, **branch) -> macs.MacCounter:
+    """MACs of one image through the width-`width` sub-network (shapes only, nothing runs);
+    `branch`: the network's other static choices (the multi-decoder U-Net's `stage`)."""
     x = jax.ShapeDtypeStruct((1, *network.image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     with macs.count_macs() as counter:
-        jax.eval_shape(lambda p, x, t: network.apply(p, x, t, width=width), params, x, t)
+        jax.eval_shape(lambda p, x, t: network.apply(p, x, t, width=width, **branch), params, x, t)
     return counter
 
 

@@ -11,6 +11,7 @@ each convolution's weight gradient over chunks of the batch on CPU (see `conv.co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import chex
 import jax
@@ -120,6 +121,106 @@ class Upsample(nnx.Module):
         return self.conv(x, width)
 
 
+def build_encoder(module: nnx.Module, *, image_size: int, image_channels: int, ch: int,
+                  ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
+                  dropout: float, num_groups: int, rngs: nnx.Rngs) -> tuple[list[int], int, int]:
+    """Gives `module` the U-Net's encoder (time MLP, input conv, down path, middle) as the
+    attributes `temb_dense0`, `temb_dense1`, `head`, `down`, `mid`: the parameter names of the
+    DDPM port. Returns the skip channels, the middle's channels and its resolution."""
+    temb_channels = 4 * ch
+    module.temb_dense0 = SlimLinear(ch, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
+    module.temb_dense1 = SlimLinear(temb_channels, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
+    module.head = SlimConv(image_channels, ch, 3, rngs=rngs)
+    down, skip_channels, now, resolution = [], [ch], ch, image_size
+    for level, mult in enumerate(ch_mult):
+        for _ in range(num_res_blocks):
+            down.append(ResBlock(now, ch * mult, temb_channels, dropout=dropout,
+                                 attention=resolution in attn_resolutions, num_groups=num_groups,
+                                 rngs=rngs))
+            now = ch * mult
+            skip_channels.append(now)
+        if level != len(ch_mult) - 1:
+            down.append(Downsample(now, rngs=rngs))
+            skip_channels.append(now)
+            resolution //= 2
+    module.down = nnx.List(down)
+    module.mid = nnx.List([
+        ResBlock(now, now, temb_channels, dropout=dropout, attention=True, num_groups=num_groups,
+                 rngs=rngs),
+        ResBlock(now, now, temb_channels, dropout=dropout, attention=False,
+                 num_groups=num_groups, rngs=rngs),
+    ])
+    return skip_channels, now, resolution
+
+
+def build_decoder(module: nnx.Module, *, skip_channels: list[int], in_channels: int,
+                  resolution: int, temb_channels: int, image_channels: int, ch: int,
+                  ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
+                  dropout: float, num_groups: int, rngs: nnx.Rngs) -> None:
+    """Gives `module` the U-Net's decoder (up path and output layers) as the attributes `up`,
+    `tail_norm`, `tail_conv`, with `ch` base channels: the encoder's (one U-Net) or its own
+    (a decoder of the multi-decoder U-Net, fed the encoder's skips)."""
+    skip_channels, up, now = list(skip_channels), [], in_channels
+    for level, mult in reversed(list(enumerate(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            up.append(ResBlock(skip_channels.pop() + now, ch * mult, temb_channels,
+                               dropout=dropout, attention=resolution in attn_resolutions,
+                               num_groups=num_groups, rngs=rngs))
+            now = ch * mult
+        if level != 0:
+            up.append(Upsample(now, rngs=rngs))
+            resolution *= 2
+    module.up = nnx.List(up)
+    module.tail_norm = SlimGroupNorm(now, num_groups)
+    module.tail_conv = SlimConv(now, image_channels, 3, fixed_out=True, init_scale=1e-5,
+                                rngs=rngs)
+
+
+def set_weight_grad_chunk(module: nnx.Module, chunk: int) -> None:
+    for _, layer in nnx.iter_modules(module):
+        if isinstance(layer, SlimConv):
+            layer.weight_grad_chunk = chunk
+
+
+def res_block_call(remat: bool) -> Callable:
+    """`ResBlock.__call__`, recomputed in the backward pass when `remat`."""
+    return nnx.remat(ResBlock.__call__, static_argnums=3) if remat else ResBlock.__call__
+
+
+def encode(module: nnx.Module, x: Array, t: Array, width: float, rngs: Iterator[Array],
+           res_block: Callable, ch: int, dtype: jnp.dtype) -> tuple[Array, Array, list[Array]]:
+    """The encoder `build_encoder` gave `module`: (middle output, time embedding, skips)."""
+    temb = module.temb_dense0(timestep_embedding(t, ch).astype(dtype), width)
+    temb = module.temb_dense1(silu(temb), width)
+    h = module.head(x.astype(dtype), width)
+    skips = [h]
+    for layer in module.down:
+        h = (res_block(layer, h, temb, width, next(rngs, None)) if isinstance(layer, ResBlock)
+             else layer(h, width))
+        skips.append(h)
+    for layer in module.mid:
+        h = res_block(layer, h, temb, width, next(rngs, None))
+    return h, temb, skips
+
+
+def decode(module: nnx.Module, h: Array, temb: Array, skips: list[Array], width: float,
+           rngs: Iterator[Array], res_block: Callable) -> Array:
+    """The decoder `build_decoder` gave `module`, on the encoder's outputs: epsilon, float32."""
+    skips = list(skips)
+    for layer in module.up:
+        if isinstance(layer, ResBlock):
+            h = res_block(layer, jnp.concatenate([h, skips.pop()], axis=-1), temb, width,
+                          next(rngs, None))
+        else:
+            h = layer(h, width)
+    return module.tail_conv(silu(module.tail_norm(h)), width).astype(jnp.float32)
+
+
+def dropout_keys(dropout_rng: Array | None, count: int) -> Iterator[Array]:
+    """One dropout key per residual block, in call order; none for the deterministic network."""
+    return iter(jax.random.split(dropout_rng, count) if dropout_rng is not None else [])
+
+
 class SlimmableUNet(nnx.Module):
     """The DDPM U-Net (Ho et al.) with every layer slimmable, as DDSM's supernet."""
 
@@ -132,76 +233,24 @@ class SlimmableUNet(nnx.Module):
         self.image_size = image_size
         self.image_channels = image_channels
         self.ch = ch
-        temb_channels = 4 * ch
-        self.temb_dense0 = SlimLinear(ch, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
-        self.temb_dense1 = SlimLinear(temb_channels, temb_channels, divisor=TIME_DIVISOR, rngs=rngs)
-        self.head = SlimConv(image_channels, ch, 3, rngs=rngs)
-
-        def res_block(c_in: int, c_out: int, resolution: int) -> ResBlock:
-            return ResBlock(c_in, c_out, temb_channels, dropout=dropout,
-                            attention=resolution in attn_resolutions, num_groups=num_groups,
-                            rngs=rngs)
-
-        down, skip_channels, now, resolution = [], [ch], ch, image_size
-        for level, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                down.append(res_block(now, ch * mult, resolution))
-                now = ch * mult
-                skip_channels.append(now)
-            if level != len(ch_mult) - 1:
-                down.append(Downsample(now, rngs=rngs))
-                skip_channels.append(now)
-                resolution //= 2
-        self.down = nnx.List(down)
-        self.mid = nnx.List([
-            ResBlock(now, now, temb_channels, dropout=dropout, attention=True,
-                     num_groups=num_groups, rngs=rngs),
-            ResBlock(now, now, temb_channels, dropout=dropout, attention=False,
-                     num_groups=num_groups, rngs=rngs),
-        ])
-        up = []
-        for level, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                up.append(res_block(skip_channels.pop() + now, ch * mult, resolution))
-                now = ch * mult
-            if level != 0:
-                up.append(Upsample(now, rngs=rngs))
-                resolution *= 2
-        self.up = nnx.List(up)
-        self.tail_norm = SlimGroupNorm(now, num_groups)
-        self.tail_conv = SlimConv(now, image_channels, 3, fixed_out=True, init_scale=1e-5, rngs=rngs)
-        for _, module in nnx.iter_modules(self):
-            if isinstance(module, SlimConv):
-                module.weight_grad_chunk = weight_grad_chunk
+        shape = {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
+                 "attn_resolutions": attn_resolutions, "dropout": dropout,
+                 "num_groups": num_groups, "rngs": rngs}
+        skip_channels, now, resolution = build_encoder(
+            self, image_size=image_size, image_channels=image_channels, **shape)
+        build_decoder(self, skip_channels=skip_channels, in_channels=now, resolution=resolution,
+                      temb_channels=4 * ch, image_channels=image_channels, **shape)
+        set_weight_grad_chunk(self, weight_grad_chunk)
 
     def __call__(self, x: Array, t: Array, *, width: float = 1.0,
                  dropout_rng: Array | None = None) -> Array:
         """Predicts epsilon; `dropout_rng=None` is the deterministic (evaluation) network."""
         chex.assert_shape(x, (None, self.image_size, self.image_size, self.image_channels))
         chex.assert_shape(t, (x.shape[0],))
-        rngs = iter(jax.random.split(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
-                    if dropout_rng is not None else [])
-
-        res_block = ResBlock.__call__
-        if self.remat:
-            res_block = nnx.remat(res_block, static_argnums=3)
-        temb = self.temb_dense0(timestep_embedding(t, self.ch).astype(self.dtype), width)
-        temb = self.temb_dense1(silu(temb), width)
-        h = self.head(x.astype(self.dtype), width)
-        skips = [h]
-        for layer in self.down:
-            h = (res_block(layer, h, temb, width, next(rngs, None)) if isinstance(layer, ResBlock)
-                 else layer(h, width))
-            skips.append(h)
-        for layer in self.mid:
-            h = res_block(layer, h, temb, width, next(rngs, None))
-        for layer in self.up:
-            if isinstance(layer, ResBlock):
-                h = res_block(layer, jnp.concatenate([h, skips.pop()], axis=-1), temb, width,
-                              next(rngs, None))
-            else:
-                h = layer(h, width)
-        out = self.tail_conv(silu(self.tail_norm(h)), width).astype(jnp.float32)
+        rngs = dropout_keys(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
+        res_block = res_block_call(self.remat)
+        h, temb, skips = encode(self, x, t, width, rngs, res_block, self.ch, self.dtype)
+        out = decode(self, h, temb, skips, width, rngs, res_block)
         chex.assert_equal_shape([out, x])
         return out
 
