@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
 from ddsm_jax.layout import Stream, stream_key
-from ddsm_jax.models.cost import macs_table, schedule_cost
+from ddsm_jax.models.cost import SchedulePrices
 from ddsm_jax.models.network import Network, abstract_network, param_count
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
 from ddsm_jax.utils.errors import summary
@@ -91,12 +91,12 @@ class FrontMember:
                    data.get("fd"), data.get("seconds_ratio"), bool(data.get("chosen", False)))
 
 
-def build_front(network: Network, params: Params, sampler: ScheduleSampler,
-                schedule: WidthSchedule | None,
+def build_front(config: ml_collections.ConfigDict, network: Network, params: Params,
+                sampler: ScheduleSampler, schedule: WidthSchedule | None,
                 validated: Sequence[dict[str, Any]] = ()) -> list[FrontMember]:
     """Full width, the chosen schedule and every validated schedule (`pareto.json`'s
     `validated`: dicts with `schedule` and `fd`), each once, by MACs; costs from the network."""
-    total = [row["total"] for row in macs_table(network, params).values()]
+    prices = SchedulePrices.of(network, params, sampler.timesteps, config)
     chosen = tuple(int(i) for i in sampler.to_indices(schedule)) if schedule is not None else None
     fds: dict[tuple[int, ...], float | None] = {tuple(sampler.uniform(0).tolist()): None}
     if chosen is not None:
@@ -108,7 +108,7 @@ def build_front(network: Network, params: Params, sampler: ScheduleSampler,
             raise ExportError(f"a validated schedule of {len(key)} steps does not fit this "
                               f"sampler ({sampler.num_steps} steps) and network; search again")
         fds[key] = float(entry["fd"])
-    members = [FrontMember(key, schedule_cost(total, key)["macs_ratio"],
+    members = [FrontMember(key, prices(key)["macs_ratio"],
                            None if fd is None else float(fd), chosen=key == chosen)
                for key, fd in fds.items()]
     return sorted(members, key=lambda m: (m.macs_ratio, m.schedule))
@@ -159,7 +159,7 @@ def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
                                       sampler=config.sampling.method,
                                       timesteps=sampler.timesteps)
     if front is None:
-        front = build_front(network, params, sampler, schedule)
+        front = build_front(config, network, params, sampler, schedule)
     manifest = {"format": FORMAT, "version": VERSION, "widths": list(network.widths),
                 "image_shape": list(network.image_shape), "num_params": param_count(params),
                 "step": step, "weights": weights, "has_schedule": schedule is not None}
@@ -307,7 +307,7 @@ def load(path: PathLike) -> ExportedModel:
     if (path / FRONT).is_file():
         model.front = [FrontMember.from_json(entry) for entry in read_json(path / FRONT)]
     else:  # version 1: full width and the schedule
-        model.front = build_front(network, params, model.sampler, schedule)
+        model.front = build_front(config, network, params, model.sampler, schedule)
     return model
 
 
@@ -345,7 +345,7 @@ def export_run(config: ml_collections.ConfigDict, directory: PathLike, network: 
     noise, sample_key = stream_draws(key, config.export.num_samples, network.image_shape)
     images = sample_in_batches(model.sampler, params, model.schedule_indices(), noise,
                                sample_key, config.sampling.batch_size, progress=progress)
-    front = build_front(network, params, model.sampler, schedule, validated)
+    front = build_front(config, network, params, model.sampler, schedule, validated)
     timing_noise = initial_noise(jax.random.fold_in(key, 2), config.sampling.batch_size,
                                  network.image_shape)
     front = measure_seconds(model.sampler, params, front, timing_noise, sample_key,

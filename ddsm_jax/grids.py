@@ -9,7 +9,7 @@ from etils import epath
 from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.layout import Stream, stream_key
-from ddsm_jax.models.cost import macs_table
+from ddsm_jax.models.cost import SchedulePrices
 from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler, sample_in_batches, stream_draws
 from ddsm_jax.utils.images import make_grid, save_grid
@@ -28,7 +28,8 @@ class WidthGrids:
         self.sampler = ScheduleSampler(network, diffusion, config.sampling)
         self.noise, self.key = stream_draws(stream_key(config.seed, Stream.GRIDS),
                                             config.sampling.num_samples, network.image_shape)
-        self.costs = None
+        self.config = config
+        self.prices = None
 
     def sample(self, params: Params) -> list[np.ndarray]:
         return [sample_in_batches(self.sampler, params, self.sampler.uniform(index), self.noise,
@@ -37,12 +38,14 @@ class WidthGrids:
 
     def draw(self, params: Params, out_dir: PathLike) -> tuple[list[epath.Path], np.ndarray]:
         """Writes the PNGs; returns their paths and the side-by-side grid of all widths."""
-        if self.costs is None:
-            self.costs = macs_table(self.network, params)
+        if self.prices is None:
+            self.prices = SchedulePrices.of(self.network, params, self.sampler.timesteps,
+                                            self.config)
         paths, grids, titles = [], [], []
-        for width, images in zip(self.network.widths, self.sample(params)):
+        for index, (width, images) in enumerate(zip(self.network.widths, self.sample(params))):
             paths.append(save_grid(images, epath.Path(out_dir) / f"width_{width}.png"))
             grids.append(make_grid(images, padding=1, scale=4))
-            titles.append(f"width {width}: {self.costs[width]['conv_linear'] / 1e6:.1f} MMACs")
+            mean_macs = self.prices.per_step[:, index].mean()
+            titles.append(f"width {width}: {mean_macs / 1e6:.1f} MMACs")
         paths.append(save_side_by_side(grids, titles, epath.Path(out_dir) / "widths.png"))
         return paths, np.concatenate(grids, axis=1)

@@ -64,19 +64,30 @@ def run(config, workdir: str, mode: str) -> None:
         if not trains:
             record_config(layout, config)
         weights = weights_id(int(result.state.step), result.state.ema_params)
-        for stage in STAGES[mode]:
+        for stage in stages_of(mode, result.network):
             report = run_stage(stage, config, layout, result, weights)
             print(json.dumps({"stage": stage, "step": int(result.state.step), **report}), flush=True)
+
+
+def stages_of(mode: str, network) -> tuple[str, ...]:
+    """The mode's stages; without search where the network has one width (the multi-stage
+    strategy: each step runs its stage's decoder, a rule with nothing to search)."""
+    if len(network.widths) == 1:
+        return tuple(stage for stage in STAGES[mode] if stage != "search")
+    return STAGES[mode]
 
 
 def check_inputs(config, mode: str):
     """Fails, creating nothing, on a config or input file the run could not use; returns the
     training data set where the mode trains (loading it is the check)."""
     from ddsm_jax.data.pipeline import load_dataset
-    from ddsm_jax.models.network import check_widths
+    from ddsm_jax.models.network import check_widths, strategy_name
     from ddsm_jax.width_schedule import load_schedule
 
     check_widths(config.model.widths)
+    if mode == "search" and strategy_name(config) == "multistage":
+        raise ValueError("the multistage strategy has no schedule to search: each step runs the "
+                         "decoder of its timestep's stage; run --mode=evaluate or --mode=all")
     if config.eval.schedule and {"evaluate", "export"} & set(STAGES[mode]):
         load_schedule(config.eval.schedule)
     return load_dataset(config.data) if mode in ("train", "all") else None
@@ -117,7 +128,7 @@ def run_stage(stage: str, config, layout, result, weights: dict) -> dict:
         metrics = evaluate(config, layout.root, result.network, result.diffusion, params,
                            schedule=schedule, weights=weights)
         return {"metrics": str(layout.eval_metrics),
-                **{k: metrics[k] for k in ("full", "uniform", "schedule", "noise")
+                **{k: metrics[k] for k in ("full", "uniform", "schedule", "fewer_steps", "noise")
                    if k in metrics}}
     from ddsm_jax.export import export_run
     from ddsm_jax.utils.files import read_json

@@ -1,14 +1,16 @@
 """Connects the slimmable network to the step-aware samplers.
 
 A schedule is one index into `network.widths` per sampling step, in sampling order. Only the
-widths a schedule uses become `lax.switch` branches, so the network is traced (and compiled)
-once per distinct width, whatever the number of steps.
+branches a schedule uses (a width, and for the multi-stage network the stage of the step's
+timestep) become `lax.switch` branches, so the network is traced (and compiled) once per distinct
+branch, whatever the number of steps.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,21 +37,24 @@ class ScheduleSampler:
         self.eta = sampling.eta
         self.variance = sampling.variance
         self.clip_denoised = sampling.clip_denoised
-        self._jitted = jax.jit(self._sample, static_argnames="branch_widths")
+        # The multi-stage network runs the decoder of each step's stage (all 0 for DDSM's).
+        self.stages = network.stages_of(self.timesteps)
+        self._jitted = jax.jit(self._sample, static_argnames="branches")
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def _sample(self, params: Params, branch_schedule: jax.Array, x_T: jax.Array, key: jax.Array,
-                branch_widths: tuple[float, ...]) -> jax.Array:
-        eps_fns = [functools.partial(self._eps, params, width=w) for w in branch_widths]
+                branches: tuple[tuple[tuple[str, Any], ...], ...]) -> jax.Array:
+        eps_fns = [functools.partial(self.network.apply, params, **dict(b)) for b in branches]
         return samplers.sample(eps_fns, self.diffusion, branch_schedule, x_T, key,
                                method=self.method, timesteps=self.timesteps, eta=self.eta,
                                variance=self.variance, clip_denoised=self.clip_denoised)
 
-    def _eps(self, params: Params, x: jax.Array, t: jax.Array, *, width: float) -> jax.Array:
-        return self.network.apply(params, x, t, width=width)
+    def branch_ids(self, schedule: np.ndarray) -> np.ndarray:
+        """Each step's branch in `network.branch_fns` order: its stage's block, its width."""
+        return self.stages * len(self.network.widths) + np.asarray(schedule, np.int32)
 
     def __call__(self, params: Params, schedule: Sequence[int], x_T: jax.Array,
                  key: jax.Array) -> jax.Array:
@@ -60,10 +65,12 @@ class ScheduleSampler:
         if schedule.min() < 0 or schedule.max() >= len(self.network.widths):
             raise ValueError(f"schedule indices must lie in [0, {len(self.network.widths)}) "
                              f"(widths {self.network.widths})")
-        used = np.unique(schedule)
-        branch_widths = tuple(self.network.widths[i] for i in used)
-        branch_schedule = jnp.asarray(np.searchsorted(used, schedule), jnp.int32)
-        return self._jitted(params, branch_schedule, x_T, key, branch_widths=branch_widths)
+        ids = self.branch_ids(schedule)
+        used = np.unique(ids)
+        branches = tuple(self.network.branch(*divmod(int(i), len(self.network.widths)))
+                         for i in used)
+        branch_schedule = jnp.asarray(np.searchsorted(used, ids), jnp.int32)
+        return self._jitted(params, branch_schedule, x_T, key, branches=branches)
 
     def uniform(self, width_index: int) -> np.ndarray:
         return np.full((self.num_steps,), width_index, np.int32)

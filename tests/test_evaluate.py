@@ -45,8 +45,17 @@ def test_metrics_json_has_every_entry_from_the_same_noise(tmp_path, digits_class
     assert ratios == sorted(ratios, reverse=True) and ratios[-1] < 0.1
     assert saved["noise"]["fd"] > 0 and saved["features"]["name"] == "classifier_digits"
     assert saved["features"]["test_accuracy"] > 0.9
-    for name in ("full", "schedule", "uniform_0.5", "samples"):
+    for name in ("full", "schedule", "uniform_0.5", "fewer_3", "samples"):
         assert (tmp_path / "eval" / f"{name}.png").is_file()
+    # The baseline: full width with fewer steps, at a quarter, half, three quarters of the MACs.
+    assert sorted(saved["fewer_steps"], key=int) == ["2", "3", "4"]
+    for steps, entry in saved["fewer_steps"].items():
+        assert entry["macs_ratio"] == pytest.approx(int(steps) / 6)
+    assert saved["strategy"] == "ddsm" and saved["seed"] == config.seed
+    training = saved["training"]
+    assert training["images"] == config.training.num_steps * config.training.batch_size
+    # Each sandwich step trains full width, 0.25 and one of 0.75/0.5: more than full alone.
+    assert 1.1 < training["macs_ratio"] < 1.7
 
 
 def test_feature_space_choice_and_missing_inception_weights(tmp_path):

@@ -160,7 +160,7 @@ def test_sample_command_draws_with_the_schedule_the_budget_buys(tmp_path, traine
     schedule = sampler.to_width_schedule([0] * 4 + [2] * 6, fd=5.0, full_fd=6.0)
     validated = [{"schedule": [3] * 10, "fd": 9.0}, {"schedule": [0] * 2 + [3] * 8, "fd": 7.0},
                  {"schedule": [0] * 10, "fd": 6.0}]
-    front = export.build_front(network, params, sampler, schedule, validated)
+    front = export.build_front(config, network, params, sampler, schedule, validated)
     assert [m.fd for m in front] == [9.0, 7.0, 5.0, 6.0]  # by MACs: 0.25, two steps full, ...
     path = export.save(tmp_path / "export", config, params, schedule, front=front)
     cheap = front[1]

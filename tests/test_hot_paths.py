@@ -67,9 +67,9 @@ def test_sampler_stays_on_device_and_compiles_once_per_width_set(setup):
     with CompileCounter() as warm_up:
         first = sampler(params, schedules[0], noise, key)
     assert warm_up.count >= 1
-    used = tuple(network.widths[i] for i in np.unique(schedules[0]))
+    used = tuple(network.branch(0, i) for i in np.unique(schedules[0]))
     branch = jax.device_put(np.searchsorted(np.unique(schedules[0]), schedules[0]).astype(np.int32))
-    _assert_no_host_callbacks(sampler._jitted, params, branch, noise, key, branch_widths=used)
+    _assert_no_host_callbacks(sampler._jitted, params, branch, noise, key, branches=used)
     with CompileCounter() as warm, jax.transfer_guard_device_to_host("disallow"):
         again = sampler(params, schedules[0], noise, key)
         for schedule in schedules[1:]:  # the same widths at other steps: new data, same program

@@ -59,7 +59,7 @@ def test_each_stage_equals_a_dense_unet_of_the_encoder_and_its_decoder(stage):
 
 def test_decoders_have_their_own_channels_and_the_encoder_is_shared():
     network, params = init_network(multistage_config(), jax.random.key(0))
-    assert network.stages == 3 and set(params) == {"encoder", "decoders"}
+    assert network.num_stages == 3 and set(params) == {"encoder", "decoders"}
     first_up = [params["decoders"][s]["up"][0]["conv1"]["kernel"].shape for s in range(3)]
     # Input: the decoder's own input (the middle's 64 channels) and the encoder's 64-channel skip.
     assert first_up == [(3, 3, 128, 96), (3, 3, 128, 64), (3, 3, 128, 16)]
@@ -73,7 +73,7 @@ def test_stage_macs_agree_with_xla_and_grow_with_the_decoder():
     x = jax.ShapeDtypeStruct((2, *network.image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((2,), jnp.int32)
     totals = []
-    for stage in range(network.stages):
+    for stage in range(network.num_stages):
         counter = width_macs(network, params, 1.0, stage=stage)
         lowered = jax.jit(partial(network.apply, width=1.0, stage=stage)).lower(params, x, t)
         xla_flops = lowered.cost_analysis()["flops"]
@@ -97,7 +97,7 @@ def test_the_digits_config_runs_the_multistage_network():
     config = digits.get_config()
     config.strategy = "multistage"
     network, _ = abstract_network(config)
-    assert network.stages == len(config.multistage.decoder_ratios) == 3
+    assert network.num_stages == len(config.multistage.decoder_ratios) == 3
     with pytest.raises(ValueError, match="config.strategy='nope'"):
         config.strategy = "nope"
         abstract_network(config)

@@ -1,7 +1,10 @@
-"""`--mode=evaluate`: quality, cost and time of full width, every uniform width and the schedule.
+"""`--mode=evaluate`: quality, cost and time of full width, every uniform width, the schedule,
+and full width with fewer steps (the baseline a step-aware saving must beat).
 
 Every entry samples from the same initial noise with the same per-step noise, so the
-differences between entries are differences of width, not of luck. Writes
+differences between entries are differences of width, not of luck. MACs ratios are against the
+full-width U-Net at every step, for every strategy, so that they compare across strategies; the
+training run's MACs are recorded too. Writes
 `DIR/eval/metrics.json` and one sample grid per entry (plus `samples.png`, all side by side).
 """
 
@@ -21,9 +24,10 @@ from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
 from ddsm_jax.eval.metrics import kernel_inception_distance
 from ddsm_jax.layout import Stream, Workdir, stream_key
-from ddsm_jax.models.cost import macs_table, schedule_cost
-from ddsm_jax.models.network import Network
+from ddsm_jax.models.cost import SchedulePrices
+from ddsm_jax.models.network import Network, strategy_name
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
+from ddsm_jax.training.curriculum import FORWARD_AND_BACKWARD, training_macs
 from ddsm_jax.utils.files import write_json
 from ddsm_jax.utils.images import make_grid, save_grid
 from ddsm_jax.utils.plots import save_side_by_side
@@ -45,7 +49,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
     noise, sample_key = stream_draws(key, config.eval.num_samples, network.image_shape)
     batch = config.sampling.batch_size
     timing_noise = initial_noise(jax.random.fold_in(key, 2), batch, network.image_shape)
-    total_macs = [row["total"] for row in macs_table(network, params).values()]
+    prices = SchedulePrices.of(network, params, sampler.timesteps, config)
 
     def score(images: np.ndarray) -> dict[str, float]:
         features = compute_features(extractor, images, batch_size=config.eval.feature_batch_size)
@@ -57,19 +61,30 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
             result.update(kid=kid, kid_std=kid_std)
         return result
 
-    entries = [("full", sampler.uniform(0))]
-    entries += [(f"uniform {w}", sampler.uniform(i)) for i, w in enumerate(network.widths) if i]
+    entries = [("full", sampler, sampler.uniform(0))]
+    entries += [(f"uniform {w}", sampler, sampler.uniform(i))
+                for i, w in enumerate(network.widths) if i]
     if schedule is not None:
-        entries.append(("schedule", sampler.to_indices(schedule)))
+        entries.append(("schedule", sampler, sampler.to_indices(schedule)))
+    if network.boundaries is None:  # the single U-Net: full width with fewer steps
+        ratios = [*BASELINE_RATIOS]
+        if schedule is not None:
+            ratios.append(prices(sampler.to_indices(schedule))["macs_ratio"])
+        for steps in fewer_step_counts(sampler.num_steps, ratios):
+            fewer = ScheduleSampler(network, diffusion, _with_steps(config.sampling, steps))
+            entries.append((f"fewer {steps}", fewer, fewer.uniform(0)))
+    full_macs = prices.reference * sampler.num_steps  # every ratio: of full width, all steps
     results, grids, titles = {}, [], []
-    for name, indices in tqdm(entries, desc="evaluate", disable=not progress):
-        images = sample_in_batches(sampler, params, indices, noise, sample_key, batch)
+    for name, entry_sampler, indices in tqdm(entries, desc="evaluate", disable=not progress):
+        images = sample_in_batches(entry_sampler, params, indices, noise, sample_key, batch)
         start = time.perf_counter()
-        jax.block_until_ready(sampler(params, indices, timing_noise, sample_key))
+        jax.block_until_ready(entry_sampler(params, indices, timing_noise, sample_key))
         seconds = time.perf_counter() - start
-        cost = schedule_cost(total_macs, indices)
+        entry_prices = (prices if entry_sampler is sampler else
+                        SchedulePrices.of(network, params, entry_sampler.timesteps, config))
+        cost = entry_prices(indices)
         results[name] = {**score(images), "macs_mean": cost["macs_mean"],
-                         "macs_ratio": cost["macs_ratio"], "seconds": seconds}
+                         "macs_ratio": cost["macs_total"] / full_macs, "seconds": seconds}
         save_grid(images[:GRID_IMAGES], layout.eval / f"{name.replace(' ', '_')}.png")
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
         titles.append(f"{name}: FD {results[name]['fd']:.3g}, "
@@ -83,8 +98,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         "uniform": {name.split()[1]: value for name, value in results.items()
                     if name.startswith("uniform")},
         **({"schedule": results["schedule"]} if schedule is not None else {}),
+        "fewer_steps": {name.split()[1]: value for name, value in results.items()
+                        if name.startswith("fewer")},
+        "strategy": strategy_name(config),
+        "training": _training_cost(config, network, params, prices.reference),
         "noise": score(noise_images),
         "num_samples": int(config.eval.num_samples),
+        "seed": int(config.seed),
         "seconds_batch_size": batch,
         "sampler": {"method": sampler.method, "num_steps": sampler.num_steps},
         "features": {"name": extractor.name, "dim": extractor.dim, **extractor_info},
@@ -93,6 +113,32 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
     }
     write_json(layout.eval_metrics, metrics)
     return metrics
+
+
+# Full width with fewer steps at these fractions of the MACs (and at the schedule's): the
+# obvious alternative any step-aware saving must beat.
+BASELINE_RATIOS = (0.25, 0.5, 0.75)
+
+
+def fewer_step_counts(num_steps: int, ratios: list[float]) -> list[int]:
+    """The distinct step counts below `num_steps` nearest to each MACs ratio, ascending."""
+    counts = {max(1, round(num_steps * r)) for r in ratios}
+    return sorted(c for c in counts if c < num_steps)
+
+
+def _with_steps(sampling: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    changed = ml_collections.ConfigDict(sampling.to_dict())
+    changed.num_steps = steps
+    return changed
+
+
+def _training_cost(config: ml_collections.ConfigDict, network: Network, params: Params,
+                   reference_macs: float) -> dict[str, float]:
+    """The training run's MACs, and their ratio to training the full U-Net alone on as many
+    images (a sandwich step trains three sub-networks; a multi-stage step one decoder)."""
+    cost = training_macs(config, network, params)
+    plain = FORWARD_AND_BACKWARD * cost["images"] * reference_macs
+    return {**cost, "macs_ratio": cost["macs"] / plain}
 
 
 def _scale(network: Network) -> int:

@@ -7,34 +7,60 @@ inside the traced function, so the module objects never cross a jit boundary.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ddsm_jax.common_types import Params
 from ddsm_jax.models.multi_decoder import build_multi_decoder_unet
 from ddsm_jax.models.unet import build_unet
+from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
 
 
 @dataclasses.dataclass(frozen=True)
 class Network:
     """The static part of the model: its graph, image shape and the widths it was trained for.
 
-    `stages` is 0 for one slimmable U-Net (DDSM) and K for the multi-stage strategy's U-Net with
-    K decoders, whose `apply` also takes the (static) `stage`.
+    `boundaries` is None for one slimmable U-Net that serves every step (DDSM), and for the
+    multi-stage strategy's U-Net the first timestep of its stages 2..K: a sampling step at
+    timestep t runs the decoder of t's stage. A branch (one static program) is then a pair
+    (stage, width index); a schedule still chooses only the width of each step.
     """
 
     graphdef: Any
     widths: tuple[float, ...]
     image_shape: tuple[int, int, int]
-    stages: int = 0
+    boundaries: tuple[int, ...] | None = None
 
     def apply(self, params: Params, x: jax.Array, t: jax.Array, *, width: float,
               dropout_rng: jax.Array | None = None, **branch: Any) -> jax.Array:
         return nnx.merge(self.graphdef, params)(x, t, width=width, dropout_rng=dropout_rng,
                                                  **branch)
+
+    @property
+    def num_stages(self) -> int:
+        return 1 if self.boundaries is None else len(self.boundaries) + 1
+
+    def stages_of(self, timesteps: Sequence[int]) -> np.ndarray:
+        """The stage of each timestep (all 0 for one network)."""
+        if self.boundaries is None:
+            return np.zeros(len(timesteps), np.int32)
+        return stage_of(np.asarray(timesteps), self.boundaries).astype(np.int32)
+
+    def branch(self, stage: int, width_index: int) -> tuple[tuple[str, Any], ...]:
+        """The static keyword arguments of `apply` for one branch, hashable."""
+        width = ("width", self.widths[width_index])
+        return (width,) if self.boundaries is None else (width, ("stage", int(stage)))
+
+    def branch_fns(self, params: Params) -> list[Callable[[jax.Array, jax.Array], jax.Array]]:
+        """Every branch's denoiser, stage-major: branch `stage * len(widths) + width_index`."""
+        return [functools.partial(self.apply, params, **dict(self.branch(stage, index)))
+                for stage in range(self.num_stages) for index in range(len(self.widths))]
 
 
 def check_widths(widths: Any) -> None:
@@ -70,9 +96,16 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
 def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
     check_widths(config.model.widths)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    stages = (len(config.multistage.decoder_ratios) if strategy_name(config) == "multistage"
-              else 0)
-    return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape, stages)
+    if strategy_name(config) != "multistage":
+        return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
+    boundaries = tuple(int(b) for b in config.multistage.boundaries)
+    stage_ranges(boundaries, config.diffusion.num_timesteps)  # checks them
+    if len(boundaries) + 1 != len(config.multistage.decoder_ratios):
+        raise ValueError(f"multistage.boundaries={boundaries} make {len(boundaries) + 1} stages "
+                         f"but multistage.decoder_ratios gives "
+                         f"{len(config.multistage.decoder_ratios)} decoders; give one per stage")
+    # Its decoders train at full width only (the paper's method): one width.
+    return Network(graphdef, (1.0,), image_shape, boundaries)
 
 
 def init_network(config: ml_collections.ConfigDict, key: jax.Array) -> tuple[Network, Params]:

@@ -60,10 +60,14 @@ def piecewise_schedule(rng: np.random.Generator, num_widths: int, num_steps: int
 def fit_budget(rng: np.random.Generator, genome: np.ndarray, width_cost: np.ndarray,
                budget: float) -> np.ndarray:
     """Narrows random steps one width at a time until the mean cost is within `budget`: children
-    of parents near the budget straddle it, and an infeasible child is a wasted evaluation."""
+    of parents near the budget straddle it, and an infeasible child is a wasted evaluation.
+    `width_cost`: each width's cost, or a (steps, widths) table of it."""
     child = genome.astype(np.int32).copy()
-    narrowest = len(width_cost) - 1
-    while width_cost[child].mean() > budget:
+    if np.ndim(width_cost) == 1:
+        width_cost = np.broadcast_to(width_cost, (child.size, len(width_cost)))
+    steps = np.arange(child.size)
+    narrowest = width_cost.shape[1] - 1
+    while width_cost[steps, child].mean() > budget:
         wider = np.flatnonzero(child < narrowest)
         if wider.size == 0:
             break

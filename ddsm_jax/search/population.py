@@ -18,7 +18,6 @@ each step, so candidates differ only through their schedules. Two consequences:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import chex
 import jax
@@ -132,7 +131,9 @@ class PopulationSampler:
         """One device's block: steps outside, candidates inside, each one `switch`, a copy or
         (before its start) nothing."""
         network = self.sampler.network
-        eps_fns = [functools.partial(_eps, network, params, width=w) for w in network.widths]
+        eps_fns = network.branch_fns(params)
+        # Each step's first branch: its stage's block of widths (all 0 for one network).
+        first_branch = jnp.asarray(self.sampler.branch_ids(np.zeros(schedules.shape[1])))
         num_local = schedules.shape[0]
         t_of = jnp.asarray(self.sampler.timesteps, jnp.int32)
         slot_of = np.full(schedules.shape[1], -1, np.int32)
@@ -147,7 +148,8 @@ class PopulationSampler:
 
             def candidate_body(new_states, k):
                 def compute(x, _):
-                    eps = jax.lax.switch(widths[k], eps_fns, x, t_batch).astype(x.dtype)
+                    eps = jax.lax.switch(first_branch[step] + widths[k], eps_fns, x,
+                                         t_batch).astype(x.dtype)
                     return self.update(x, eps, step, key)
 
                 # A skipped candidate "copies" its own, not yet updated, state.
@@ -199,8 +201,4 @@ class PopulationSampler:
             kept_unsorted = np.empty((count, *kept.shape[1:]), np.float32)
             kept_unsorted[plan.order[:count]] = np.asarray(kept)[:count]
         return PopulationSamples(unsorted, plan, kept_unsorted)
-
-
-def _eps(network, params: Params, x: jax.Array, t: jax.Array, *, width: float) -> jax.Array:
-    return network.apply(params, x, t, width=width)
 

@@ -14,7 +14,7 @@ from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.eval.feature_space import feature_extractor, reference_statistics
 from ddsm_jax.eval.features import compute_features
 from ddsm_jax.layout import Stream, stream_key
-from ddsm_jax.models.cost import macs_table, schedule_cost
+from ddsm_jax.models.cost import SchedulePrices
 from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler, stream_draws
 from ddsm_jax.search.population import PopulationSampler
@@ -48,7 +48,7 @@ class ScheduleScorer:
         self.population_sampler = PopulationSampler(self.sampler, keep_steps=keep_steps)
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
-        self.total_macs = [row["total"] for row in macs_table(network, params).values()]
+        self.prices = SchedulePrices.of(network, params, self.sampler.timesteps, config)
         self._draw_noise(config.search.num_samples, Stream.SEARCH)
 
     def _draw_noise(self, num_samples: int, stream: Stream) -> None:
@@ -66,7 +66,7 @@ class ScheduleScorer:
 
     @property
     def num_widths(self) -> int:
-        return len(self.total_macs)
+        return len(self.sampler.network.widths)
 
     @property
     def num_steps(self) -> int:
@@ -74,11 +74,11 @@ class ScheduleScorer:
 
     @property
     def width_cost(self) -> np.ndarray:
-        """Each width's MACs as a fraction of full width's."""
-        return np.asarray(self.total_macs, np.float64) / self.total_macs[0]
+        """(steps, widths): each width's MACs at each step as a fraction of the full U-Net's."""
+        return self.prices.ratios
 
     def cost(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        costs = [schedule_cost(self.total_macs, row) for row in population]
+        costs = [self.prices(row) for row in population]
         return (np.array([c["macs_mean"] for c in costs]),
                 np.array([c["macs_ratio"] for c in costs]))
 

@@ -91,3 +91,12 @@ def stage_boundaries(train: np.ndarray, alphas_cumprod: np.ndarray, num_stages: 
 def stage_of(timesteps: np.ndarray | int, boundaries: Sequence[int]) -> np.ndarray:
     """The stage index (0 = least noisy) of each timestep."""
     return np.searchsorted(np.asarray(boundaries), np.asarray(timesteps), side="right")
+
+
+def stage_ranges(boundaries: Sequence[int], num_timesteps: int) -> tuple[tuple[int, int], ...]:
+    """[first, last + 1) timesteps of each stage; a clear error for boundaries out of order."""
+    edges = (0, *(int(b) for b in boundaries), num_timesteps)
+    if any(a >= b for a, b in itertools.pairwise(edges)):
+        raise ValueError(f"multistage.boundaries={tuple(boundaries)} must increase strictly "
+                         f"within (0, {num_timesteps}): the first timestep of stages 2..K")
+    return tuple(itertools.pairwise(edges))

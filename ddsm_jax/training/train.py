@@ -24,11 +24,11 @@ from ddsm_jax.grids import WidthGrids
 from ddsm_jax.layout import Stream, Workdir, stream_key
 from ddsm_jax.models.network import Network, init_network
 from ddsm_jax.training.checkpoint import Checkpointer, network_identity
+from ddsm_jax.training.curriculum import Curriculum
 from ddsm_jax.training.metrics import MetricWriter
 from ddsm_jax.training.preemption import PreemptionWatch
-from ddsm_jax.training.sandwich import sandwich_widths, sandwiches_between
 from ddsm_jax.training.sharding import batch_sharding, global_batch, make_mesh
-from ddsm_jax.training.train_step import TrainState, make_optimizer, make_train_step, sharded_train_state
+from ddsm_jax.training.train_step import TrainState, make_optimizer, sharded_train_state
 from ddsm_jax.utils.files import write_text_atomically
 
 
@@ -99,8 +99,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
     if is_main:
         record_config(layout, config)
 
-    train_step = make_train_step(network, diffusion, training, state_sharding=state_sharding,
-                                 batch_sharding=data_sharding)
+    curriculum = Curriculum.of(config, network)
+    train_step = curriculum.make_step(network, diffusion, training, state_sharding=state_sharding,
+                                      batch_sharding=data_sharding)
     grids = WidthGrids(config, network, diffusion) if training.sample_every and is_main else None
     rng = stream_key(config.seed, Stream.TRAIN)
     start = int(state.step)
@@ -108,11 +109,10 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
     # and ETA nor the logged images/s count compilation.
     batch_shape = jax.ShapeDtypeStruct((training.batch_size, *network.image_shape), jnp.float32,
                                        sharding=data_sharding)
-    compiled = {widths: train_step.lower(state, batch_shape, rng, widths).compile()
-                for widths in tqdm(sandwiches_between(network.widths, config.seed, start,
-                                                      training.num_steps),
-                                   desc="compiling the train step per sandwich", unit="program",
-                                   disable=not is_main, leave=False)}
+    compiled = {choice: train_step.lower(state, batch_shape, rng, choice).compile()
+                for choice in tqdm(curriculum.choices_between(start, training.num_steps),
+                                   desc=f"compiling the train step per {curriculum.unit}",
+                                   unit="program", disable=not is_main, leave=False)}
     writer = MetricWriter(layout, start, enabled=is_main)
     preemption = PreemptionWatch()
     progress = tqdm(range(start, training.num_steps), initial=start, total=training.num_steps,
@@ -123,9 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
                checkpointer.close]
     try:
         for step in progress:
-            widths = sandwich_widths(network.widths, config.seed, step)
+            choice = curriculum.choice(step)
             batch = global_batch(next(batches), data_sharding)
-            state, metrics = compiled[widths](state, batch, rng)
+            state, metrics = compiled[choice](state, batch, rng)
             checkpointer.check_for_errors()  # a failed background save stops the run at once
             window_steps += 1
             done = step + 1
@@ -134,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
                 elapsed = time.perf_counter() - window_start
                 images_per_sec = window_steps * training.batch_size / elapsed
                 _check_finite(done, float(metrics["loss"]), config)
-                per_width = {f"loss_w{w}": loss for w, loss in zip(widths, metrics.pop("loss_per_width"))}
+                per_width = dict(zip(curriculum.loss_names(choice), metrics.pop("loss_per_width")))
                 writer.write_scalars(done, {**metrics, **per_width, "images_per_sec": images_per_sec,
                                             "step_time": elapsed / window_steps})
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")

@@ -33,7 +33,17 @@ class TrainState:
     def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                   opt_state=optimizer.init(params))
+                   opt_state=init_optimizer_state(optimizer, params))
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Params) -> Any:
+    """One optimizer state for a network's whole tree; for the multi-decoder U-Net's (encoder
+    and decoders), one for the encoder and one per decoder, so that a decoder's state moves
+    only when its stage trains (`stage_step`)."""
+    if set(params) != {"encoder", "decoders"}:
+        return optimizer.init(params)
+    return {"encoder": optimizer.init(params["encoder"]),
+            "decoders": {k: optimizer.init(v) for k, v in params["decoders"].items()}}
 
 
 def abstract_train_state(params: Params, optimizer: optax.GradientTransformation,
@@ -162,6 +172,13 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
                                opt_state=opt_state)
         return new_state, metrics
 
+    return jit_train_step(step, "widths", training, state_sharding, batch_sharding)
+
+
+def jit_train_step(step: Callable, static_name: str, training: ml_collections.ConfigDict,
+                   state_sharding: Any, batch_sharding: NamedSharding | None) -> Callable:
+    """`step(state, batch, rng, <static_name>)` jitted with the state donated, as one SPMD
+    program over the shardings' mesh where they are given."""
     if batch_sharding is None:
         platform, shardings = jax.default_backend(), {}
     else:
@@ -169,7 +186,7 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
         platform = batch_sharding.mesh.devices.flat[0].platform
         shardings = {"in_shardings": (state_sharding, batch_sharding, replicated),
                      "out_shardings": (state_sharding, replicated)}
-    return jax.jit(step, static_argnames="widths", donate_argnums=0,
+    return jax.jit(step, static_argnames=static_name, donate_argnums=0,
                    compiler_options=_compiler_options(platform, training), **shardings)
 
 

@@ -1,0 +1,160 @@
+"""`python -m ddsm_jax.compare --workdirs=W1,W2,... --out=DIR`: step-aware strategies side by side.
+
+Reads each workdir's evaluation (`eval/metrics.json`, written by `--mode=evaluate` or `all`),
+refuses workdirs that were not scored on the same footing (data, sampler and step count, sample
+count, feature space, seed: the evaluation noise), and writes `compare.json` (every entry of
+every workdir), `compare.md` (a markdown table) and `compare.png` (FD against MACs ratio, one
+colour per workdir; full width with fewer steps, the baseline a saving must beat, as a dashed
+line). MACs ratios are all against the full-width U-Net at every step, whatever the strategy.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import matplotlib
+from absl import flags
+from etils import epath
+
+from ddsm_jax.common_types import PathLike
+from ddsm_jax.layout import Workdir
+from ddsm_jax.utils.files import as_path, read_json, write_atomically, write_json, write_text_atomically
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, each evaluated.")
+_OUT = flags.DEFINE_string("out", "compare", "Folder for compare.json, compare.md, compare.png.")
+
+# What must agree for two evaluations to compare: (what it is, how to read it from metrics.json).
+FOOTING = (
+    ("data set", lambda m: m["features"].get("dataset")),
+    ("sampler", lambda m: (m["sampler"]["method"], m["sampler"]["num_steps"])),
+    ("evaluation samples", lambda m: m["num_samples"]),
+    ("feature space", lambda m: m["features"]["name"]),
+    ("seed (the evaluation noise)", lambda m: m.get("seed")),
+)
+
+
+class CompareError(ValueError):
+    pass
+
+
+def load_evaluation(workdir: PathLike) -> dict[str, Any]:
+    """A workdir's metrics.json, with its seed (from config.json) and name."""
+    layout = Workdir(workdir)
+    if not layout.eval_metrics.is_file():
+        raise CompareError(f"{layout.root} has no evaluation ({layout.eval_metrics}): run "
+                           f"--mode=evaluate (or --mode=all) on it first")
+    metrics = read_json(layout.eval_metrics)
+    config = read_json(layout.config) if layout.config.is_file() else {}
+    metrics.setdefault("seed", config.get("seed"))
+    metrics.setdefault("strategy", config.get("strategy", "ddsm"))
+    metrics["workdir"] = str(layout.root)
+    return metrics
+
+
+def check_footing(evaluations: list[dict[str, Any]]) -> None:
+    """One line naming the first thing two evaluations differ in."""
+    first = evaluations[0]
+    for other in evaluations[1:]:
+        for what, read in FOOTING:
+            if read(first) != read(other):
+                raise CompareError(
+                    f"{other['workdir']} was evaluated with {what} {read(other)!r} but "
+                    f"{first['workdir']} with {read(first)!r}: evaluate every workdir with the "
+                    f"same data, sampling, eval and seed settings")
+
+
+def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every scored entry of one evaluation as a flat row."""
+    rows = [("full", evaluation["full"])]
+    rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
+    if "schedule" in evaluation:
+        rows.append(("schedule", evaluation["schedule"]))
+    rows += [(f"full, {k} steps", v) for k, v in evaluation.get("fewer_steps", {}).items()]
+    training = evaluation.get("training", {})
+    return [{"workdir": evaluation["workdir"], "strategy": evaluation["strategy"], "entry": name,
+             "fd": value["fd"], "macs_ratio": value["macs_ratio"],
+             "seconds": value.get("seconds"), "training_macs": training.get("macs"),
+             "training_macs_ratio": training.get("macs_ratio")}
+            for name, value in rows]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| workdir | strategy | entry | FD | MACs ratio | seconds | training MACs (x full U-Net) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        seconds = "" if row["seconds"] is None else f"{row['seconds']:.2f}"
+        training = ("" if row["training_macs_ratio"] is None
+                    else f"{row['training_macs']:.3g} ({row['training_macs_ratio']:.2f}x)")
+        lines.append(f"| {epath.Path(row['workdir']).name} | {row['strategy']} | {row['entry']} "
+                     f"| {row['fd']:.2f} | {row['macs_ratio']:.3f} | {seconds} | {training} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    workdirs = list(dict.fromkeys(row["workdir"] for row in rows))
+    markers = {"full": "*", "schedule": "D"}
+    for colour, workdir in zip(plt.cm.tab10.colors, workdirs):
+        mine = [r for r in rows if r["workdir"] == workdir]
+        name = f"{epath.Path(workdir).name} ({mine[0]['strategy']})"
+        fewer = sorted((r for r in mine if r["entry"].startswith("full,")),
+                       key=lambda r: r["macs_ratio"])
+        full = [r for r in mine if r["entry"] == "full"]
+        if fewer:  # the baseline: full width, fewer steps, ending at full width itself
+            line = fewer + full
+            ax.plot([r["macs_ratio"] for r in line], [r["fd"] for r in line], "--x",
+                    color=colour, alpha=0.7, label=f"{name}: full width, fewer steps")
+        uniform = sorted((r for r in mine if r["entry"].startswith("uniform")),
+                         key=lambda r: r["macs_ratio"])
+        if uniform:
+            ax.plot([r["macs_ratio"] for r in uniform], [r["fd"] for r in uniform], ":o",
+                    color=colour, alpha=0.7, markersize=4, label=f"{name}: uniform widths")
+        for row in mine:
+            if row["entry"] in markers:
+                ax.plot(row["macs_ratio"], row["fd"], markers[row["entry"]], color=colour,
+                        markersize=11 if row["entry"] == "full" else 8,
+                        label=f"{name}: {row['entry']}")
+    ax.set_xlabel("MACs per sampling run, as a fraction of the full U-Net at every step")
+    ax.set_ylabel("FD (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def compare(workdirs: list[str], out: PathLike) -> dict[str, Any]:
+    if not workdirs:
+        raise CompareError("--workdirs is empty: give the evaluated workdirs to compare")
+    evaluations = [load_evaluation(w) for w in workdirs]
+    check_footing(evaluations)
+    rows = [row for evaluation in evaluations for row in entries(evaluation)]
+    out = as_path(out)
+    write_json(out / "compare.json", rows)
+    write_text_atomically(out / "compare.md", markdown_table(rows))
+    save_picture(rows, out / "compare.png")
+    return {"compare": str(out / "compare.json"), "table": str(out / "compare.md"),
+            "picture": str(out / "compare.png"), "entries": len(rows)}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import sys
+
+    try:
+        print(json.dumps(compare(_WORKDIRS.value, _OUT.value)))
+    except (CompareError, OSError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from ddsm_jax.utils.cli import run_program
+
+    run_program(main, required=["workdirs"])

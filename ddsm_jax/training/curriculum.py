@@ -1,0 +1,68 @@
+"""What each training step of a strategy trains, and what the whole run costs in MACs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from ddsm_jax.common_types import Params
+from ddsm_jax.models.cost import width_macs
+from ddsm_jax.models.network import Network
+from ddsm_jax.training.sandwich import sandwich_widths, sandwiches_between
+from ddsm_jax.training.stage_step import draw_stage, make_stage_train_step, stages_between
+from ddsm_jax.training.train_step import make_train_step
+
+# A training step's backward pass costs about twice its forward pass: a step counts 3 forwards.
+FORWARD_AND_BACKWARD = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """What each training step trains, as the static argument of its compiled program: DDSM's
+    sandwich of widths, or the multi-stage strategy's stage."""
+
+    make_step: Callable
+    choice: Callable[[int], Any]  # step -> static argument
+    choices_between: Callable[[int, int], list]  # the distinct ones, in order of first use
+    loss_names: Callable[[Any], list[str]]  # of the per-branch losses a step reports
+    branches: Callable[[Any], list[tuple]]  # the network branches a step runs, as `Network.branch`
+    unit: str
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict, network: Network) -> Curriculum:
+        seed = config.seed
+        if network.boundaries is not None:
+            bounds, steps = network.boundaries, config.diffusion.num_timesteps
+            return cls(functools.partial(make_stage_train_step, boundaries=bounds),
+                       lambda step: draw_stage(bounds, steps, seed, step),
+                       lambda start, stop: stages_between(bounds, steps, seed, start, stop),
+                       lambda stage: [f"loss_stage{stage}"],
+                       lambda stage: [network.branch(stage, 0)], "stage")
+        widths = network.widths
+        return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
+                   lambda start, stop: sandwiches_between(widths, seed, start, stop),
+                   lambda chosen: [f"loss_w{w}" for w in chosen],
+                   lambda chosen: [network.branch(0, widths.index(w)) for w in chosen], "sandwich")
+
+
+def training_macs(config: ml_collections.ConfigDict, network: Network,
+                  params: Params) -> dict[str, float]:
+    """The MACs `config.training` spends (each image of each step through every branch the step
+    trains, forward and backward), counted step by step from the curriculum: what strategies
+    differ in as much as in sampling cost (DDSM's sandwich trains three sub-networks per image)."""
+    curriculum = Curriculum.of(config, network)
+    per_choice: dict[Any, float] = {}
+    total = 0.0
+    for step in range(config.training.num_steps):
+        choice = curriculum.choice(step)
+        if choice not in per_choice:
+            per_choice[choice] = sum(width_macs(network, params, **dict(branch)).total
+                                     for branch in curriculum.branches(choice))
+        total += per_choice[choice]
+    images = config.training.num_steps * config.training.batch_size
+    return {"images": images,
+            "macs": FORWARD_AND_BACKWARD * config.training.batch_size * total}

@@ -1,0 +1,75 @@
+"""Multi-stage training: one stage per batch, only the encoder and that stage's decoder move."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddsm_jax.diffusion.losses import epsilon_loss
+from ddsm_jax.diffusion.schedules import diffusion_from_config
+from ddsm_jax.models.network import init_network
+from ddsm_jax.strategies import stage_split
+from ddsm_jax.training import stage_step
+from ddsm_jax.training.train_step import TrainState, make_optimizer
+from tests.test_multi_decoder import multistage_config
+
+BOUNDARIES = (126, 176)
+
+
+def test_stages_are_drawn_as_one_uniform_timestep_and_reproducibly():
+    draws = [stage_step.draw_stage(BOUNDARIES, 1000, seed=0, step=s) for s in range(4000)]
+    assert draws == [stage_step.draw_stage(BOUNDARIES, 1000, seed=0, step=s) for s in range(4000)]
+    counts = collections.Counter(draws)
+    np.testing.assert_allclose([counts[k] / 4000 for k in range(3)], [0.126, 0.05, 0.824],
+                               atol=0.02)
+    assert sorted(stage_step.stages_between(BOUNDARIES, 1000, 0, 0, 4000)) == [0, 1, 2]
+    assert stage_split.stage_ranges(BOUNDARIES, 1000) == ((0, 126), (126, 176), (176, 1000))
+    for bad in [(176, 126), (0, 10), (10, 1000), (10, 10)]:
+        with pytest.raises(ValueError, match="must increase strictly"):
+            stage_split.stage_ranges(bad, 1000)
+
+
+def test_the_loss_samples_timesteps_only_inside_its_range():
+    diffusion = diffusion_from_config(multistage_config().diffusion)
+    x0 = jnp.zeros((256, 8, 8, 1))
+
+    def inside(low, high):  # zero error inside the range, NaN outside
+        return lambda x_t, t: jnp.where(((t >= low) & (t < high))[:, None, None, None],
+                                        0.0, jnp.nan) * x_t
+
+    key = jax.random.key(0)
+    assert np.isfinite(epsilon_loss(inside(126, 176), diffusion, x0, key, t_range=(126, 176)))
+    assert np.isnan(epsilon_loss(inside(126, 176), diffusion, x0, key))
+    full = epsilon_loss(lambda x_t, t: x_t, diffusion, x0 + 1, key)
+    assert full == epsilon_loss(lambda x_t, t: x_t, diffusion, x0 + 1, key, t_range=(0, 1000))
+
+
+def test_a_stage_step_moves_the_encoder_and_its_decoder_and_nothing_else():
+    config = multistage_config()
+    network, params = init_network(config, jax.random.key(0))
+    diffusion = diffusion_from_config(config.diffusion)
+    state = TrainState.create(params, make_optimizer(config.training))
+    assert set(state.opt_state["decoders"]) == {0, 1, 2}
+    before = jax.tree_util.tree_map(np.asarray, state)
+    step = stage_step.make_stage_train_step(network, diffusion, config.training, BOUNDARIES)
+    batch = jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1, maxval=1)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch, jax.random.key(2), stage=1)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 3 and metrics["loss_per_width"].shape == (1,)
+    for tree in ("params", "ema_params", "opt_state"):
+        new, old = getattr(state, tree), getattr(before, tree)
+        for untouched in (0, 2):
+            jax.tree_util.tree_map(np.testing.assert_array_equal, new["decoders"][untouched],
+                                   old["decoders"][untouched])
+        for moved in (new["encoder"], new["decoders"][1]):
+            changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), moved,
+                                             old["encoder"] if moved is new["encoder"]
+                                             else old["decoders"][1])
+            assert any(jax.tree_util.tree_leaves(changed)), tree
+    assert all(np.isfinite(losses))
