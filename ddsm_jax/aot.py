@@ -23,7 +23,6 @@ off a TPU VM and harmless here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -96,18 +95,6 @@ def tpu_devices(topology: str) -> list[Any]:
     except Exception as error:  # libtpu reports unknown names with assorted internal errors
         raise AotError(f"libtpu cannot describe topology {topology!r}: {summary(error)}"
                        ) from error
-
-
-def sandwich_width_sets(widths: Sequence[float]) -> list[tuple[float, ...]]:
-    """Every width tuple the sandwich rule can pass to the train step: one per middle width.
-
-    Same order as `training.sandwich.sandwich_widths` (largest, smallest, middle), because the
-    tuple is the step's static argument and so names its compiled program.
-    """
-    ordered = sorted({float(w) for w in widths}, reverse=True)
-    if len(ordered) <= 2:
-        return [tuple(ordered)]
-    return [(ordered[0], ordered[-1], middle) for middle in ordered[1:-1]]
 
 
 def check_divisible(what: str, batch: int, num_chips: int, flag: str) -> None:
@@ -191,12 +178,9 @@ def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = No
     from ddsm_jax.diffusion import samplers
     from ddsm_jax.diffusion.schedules import diffusion_from_config
     from ddsm_jax.models.network import abstract_network, param_count
+    from ddsm_jax.training.curriculum import Curriculum
     from ddsm_jax.training.sharding import batch_sharding, make_mesh, replicated
-    from ddsm_jax.training.train_step import (
-        abstract_train_state,
-        make_optimizer,
-        make_train_step,
-    )
+    from ddsm_jax.training.train_step import abstract_train_state, make_optimizer
 
     require_libtpu()
     # Entries compiled without a TPU client cannot be reloaded, only rewritten: keep them out.
@@ -239,11 +223,14 @@ def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = No
         return entry
 
     reports = []
-    train_step = make_train_step(network, diffusion, config.training, state_sharding=state_sharding,
-                                 batch_sharding=data_sharding)
-    for widths in sandwich_width_sets(network.widths):
-        compiled = compile_report(train_step, (state_in, images(train_batch), key, widths), cache)
-        reports.append(report("train_step", compiled, widths=list(widths),
+    curriculum = Curriculum.of(config, network)
+    train_step = curriculum.make_step(network, diffusion, config.training,
+                                      state_sharding=state_sharding, batch_sharding=data_sharding)
+    for choice in curriculum.every_choice:
+        compiled = compile_report(train_step, (state_in, images(train_batch), key, choice), cache)
+        trains = ({"widths": list(choice)} if curriculum.unit == "sandwich"
+                  else {curriculum.unit: choice})
+        reports.append(report("train_step", compiled, **trains,
                               global_batch=train_batch, per_chip_batch=train_batch // num_chips))
 
     sampling = config.sampling
@@ -251,12 +238,9 @@ def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = No
                                             sampling.num_steps, sampling.spacing)
 
     def sample(params: Any, schedule: jax.Array, x_T: jax.Array, key: jax.Array) -> jax.Array:
-        # What `sampling.ScheduleSampler` compiles for a schedule that uses every width.
-        def eps(x: jax.Array, t: jax.Array, *, width: float) -> jax.Array:
-            return network.apply(params, x, t, width=width)
-
-        eps_fns = [functools.partial(eps, width=w) for w in network.widths]
-        return samplers.sample(eps_fns, diffusion, schedule, x_T, key, method=sampling.method,
+        # What `sampling.ScheduleSampler` compiles for a schedule that uses every branch.
+        return samplers.sample(network.branch_fns(params), diffusion, schedule, x_T, key,
+                               method=sampling.method,
                                timesteps=timesteps, eta=sampling.eta, variance=sampling.variance,
                                clip_denoised=sampling.clip_denoised)
 
@@ -264,7 +248,9 @@ def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = No
     compiled = compile_report(jax.jit(sample, out_shardings=data_sharding),
                               (state_in.ema_params, schedule, images(sample_batch), key), cache)
     reports.append(report("sampler", compiled, method=sampling.method,
-                          num_steps=len(timesteps), branches=list(network.widths),
+                          num_steps=len(timesteps),
+                          branches=[dict(network.branch(*divmod(i, len(network.widths))))
+                                    for i in range(network.num_stages * len(network.widths))],
                           global_batch=sample_batch, per_chip_batch=sample_batch // num_chips))
     return reports
 

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from ddsm_jax.training.sandwich import every_sandwich, sandwich_widths
+
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason='needs libtpu, the TPU compiler: pip install "libtpu==0.0.42.*"')
@@ -38,15 +40,9 @@ def run_aot(*args: str, hide_libtpu: bool = False, timeout: float = 4 * 3600
 
 
 def test_every_sandwich_the_trainer_draws_is_compiled():
-    # In a subprocess: ddsm_jax.aot defines absl flags (--config, ...) that other entry points
-    # define too, and it must not share a process with them.
-    code = (f"import json; from ddsm_jax.aot import sandwich_width_sets as s; "
-            f"from ddsm_jax.training.sandwich import sandwich_widths as d; w = {PAPER_WIDTHS}; "
-            f"print(json.dumps([s(w), sorted(set(d(w, 0, i) for i in range(200)))]))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    compiled, drawn = json.loads(done.stdout)
-    assert compiled == [[1.0, 0.25, 0.75], [1.0, 0.25, 0.5]]
+    compiled = every_sandwich(PAPER_WIDTHS)
+    drawn = {sandwich_widths(PAPER_WIDTHS, 0, i) for i in range(200)}
+    assert compiled == [(1.0, 0.25, 0.75), (1.0, 0.25, 0.5)]
     assert sorted(drawn) == sorted(compiled)
 
 
@@ -81,7 +77,7 @@ def test_paper_config_compiles_for_v5e_4x4_within_a_chips_hbm(config, tmp_path):
     assert printed == reports
     assert [r["program"] for r in reports] == ["train_step", "train_step", "sampler"]
     assert [r["widths"] for r in reports[:2]] == [[1.0, 0.25, 0.75], [1.0, 0.25, 0.5]]
-    assert reports[2]["branches"] == list(PAPER_WIDTHS)
+    assert reports[2]["branches"] == [{"width": w} for w in PAPER_WIDTHS]
     for report in reports:
         assert report["device_kind"] == "TPU v5 lite" and report["num_chips"] == 16
         assert report["mesh"] == {"data": 16, "fsdp": 1}

@@ -52,3 +52,29 @@ def test_sampling_without_a_checkpoint_says_what_to_run(tmp_path):
     done = run_main(f"--workdir={tmp_path}", "--mode=sample", *TINY)
     assert done.returncode == 1
     assert "run --mode=train" in done.stderr.strip().splitlines()[-1]
+
+
+def test_the_multistage_strategy_runs_its_whole_pipeline(tmp_path, digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    small = [*TINY, "--config.strategy=multistage", "--config.eval.num_samples=24",
+             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
+             "--config.export.num_samples=8"]
+    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [r["stage"] for r in reports] == ["grids", "evaluate", "export"]  # nothing to search
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["strategy"] == "multistage"
+    # Decoders of 48, 32 and 8 channels; most steps are in the noisy stage, the 8-channel one.
+    assert 0.5 < metrics["full"]["macs_ratio"] < 0.9
+    assert metrics["training"]["macs_ratio"] < 1
+    log = (workdir / "metrics.jsonl").read_text()
+    assert "loss_stage" in log and "loss_w" not in log
+    sampled = subprocess.run([sys.executable, "-m", "ddsm_jax.sample",
+                              f"--export={workdir / 'export'}", "--num_samples=3",
+                              f"--out={tmp_path / 'drawn.npz'}"], capture_output=True, text=True)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    searched = run_main(f"--workdir={workdir}", "--mode=search", *small)
+    assert searched.returncode == 1
+    assert "no schedule to search" in searched.stderr.strip().splitlines()[-1]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from ddsm_jax.configs import digits
 from ddsm_jax.data.pipeline import load_dataset
 from ddsm_jax.diffusion.schedules import make_betas
 from ddsm_jax.strategies import stage_split
@@ -51,6 +52,7 @@ def test_digits_stages_are_ordered_and_cover_every_timestep():
     train = np.asarray(load_dataset(tiny_config().data).train[:])
     boundaries = stage_split.stage_boundaries(train, _alphas_cumprod(), 3, num_pairs=64)
     assert len(boundaries) == 2 and 0 < boundaries[0] < boundaries[1] < 999
+    assert boundaries == tuple(digits.get_config().multistage.boundaries)  # the config's stages
     stages = stage_split.stage_of(np.arange(1000), boundaries)
     assert stages[0] == 0 and stages[-1] == 2 and np.all(np.diff(stages) >= 0)
     similarity = stage_split.similarity_matrix(train, _alphas_cumprod(),

@@ -14,6 +14,7 @@ from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
 from ddsm_jax.strategies import stage_split
 from ddsm_jax.training import stage_step
+from ddsm_jax.training.checkpoint import identity_differences, network_identity
 from ddsm_jax.training.train_step import TrainState, make_optimizer
 from tests.test_multi_decoder import multistage_config
 
@@ -73,3 +74,13 @@ def test_a_stage_step_moves_the_encoder_and_its_decoder_and_nothing_else():
                                              else old["decoders"][1])
             assert any(jax.tree_util.tree_leaves(changed)), tree
     assert all(np.isfinite(losses))
+
+
+def test_a_checkpoint_knows_its_strategy():
+    ddsm, staged = multistage_config(), multistage_config()
+    ddsm.strategy = "ddsm"
+    differences = identity_differences(network_identity(ddsm), network_identity(staged))
+    assert "strategy: None in the checkpoint, 'multistage' now" in differences
+    other = multistage_config(ratios=(1.0, 1.0, 0.25))
+    [difference] = identity_differences(network_identity(staged), network_identity(other))
+    assert difference.startswith("multistage.decoder_ratios: (1.5, 1.0, 0.25) in the checkpoint")

@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddsm_jax.common_types import PathLike
+from ddsm_jax.models.network import strategy_name
 from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import as_path, is_remote
 
@@ -42,7 +43,11 @@ def network_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that decide what a set of weights computes; a JSON-able dict."""
     model = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_ONLY}
     data = {k: config.data[k] for k in ("name", "image_size", "channels")}
-    return {"model": model, "diffusion": config.diffusion.to_dict(), "data": data}
+    identity = {"model": model, "diffusion": config.diffusion.to_dict(), "data": data}
+    strategy = strategy_name(config)
+    if strategy != "ddsm":  # DDSM's identity is that of checkpoints older than strategies
+        identity.update(strategy=strategy, **{strategy: config[strategy].to_dict()})
+    return identity
 
 
 def identity_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

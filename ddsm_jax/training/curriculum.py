@@ -12,7 +12,7 @@ import ml_collections
 from ddsm_jax.common_types import Params
 from ddsm_jax.models.cost import width_macs
 from ddsm_jax.models.network import Network
-from ddsm_jax.training.sandwich import sandwich_widths, sandwiches_between
+from ddsm_jax.training.sandwich import every_sandwich, sandwich_widths, sandwiches_between
 from ddsm_jax.training.stage_step import draw_stage, make_stage_train_step, stages_between
 from ddsm_jax.training.train_step import make_train_step
 
@@ -30,6 +30,7 @@ class Curriculum:
     choices_between: Callable[[int, int], list]  # the distinct ones, in order of first use
     loss_names: Callable[[Any], list[str]]  # of the per-branch losses a step reports
     branches: Callable[[Any], list[tuple]]  # the network branches a step runs, as `Network.branch`
+    every_choice: list  # every static argument a run may meet: its programs
     unit: str
 
     @classmethod
@@ -41,12 +42,14 @@ class Curriculum:
                        lambda step: draw_stage(bounds, steps, seed, step),
                        lambda start, stop: stages_between(bounds, steps, seed, start, stop),
                        lambda stage: [f"loss_stage{stage}"],
-                       lambda stage: [network.branch(stage, 0)], "stage")
+                       lambda stage: [network.branch(stage, 0)],
+                       list(range(network.num_stages)), "stage")
         widths = network.widths
         return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
                    lambda start, stop: sandwiches_between(widths, seed, start, stop),
                    lambda chosen: [f"loss_w{w}" for w in chosen],
-                   lambda chosen: [network.branch(0, widths.index(w)) for w in chosen], "sandwich")
+                   lambda chosen: [network.branch(0, widths.index(w)) for w in chosen],
+                   every_sandwich(widths), "sandwich")
 
 
 def training_macs(config: ml_collections.ConfigDict, network: Network,

@@ -33,3 +33,15 @@ def sandwiches_between(widths: Sequence[float], seed: int, start: int,
         if len(seen) == possible:
             break
     return list(seen)
+
+
+def every_sandwich(widths: Sequence[float]) -> list[tuple[float, ...]]:
+    """Every width tuple the sandwich rule can pass to the train step: one per middle width.
+
+    Same order as `training.sandwich.sandwich_widths` (largest, smallest, middle), because the
+    tuple is the step's static argument and so names its compiled program.
+    """
+    ordered = sorted({float(w) for w in widths}, reverse=True)
+    if len(ordered) <= 2:
+        return [tuple(ordered)]
+    return [(ordered[0], ordered[-1], middle) for middle in ordered[1:-1]]
