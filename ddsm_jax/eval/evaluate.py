@@ -87,11 +87,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
                          "macs_ratio": cost["macs_total"] / full_macs, "seconds": seconds}
         save_grid(images[:GRID_IMAGES], layout.eval / f"{name.replace(' ', '_')}.png")
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
-        titles.append(f"{name}: FD {results[name]['fd']:.3g}, "
-                      f"{cost['macs_mean'] / 1e6:.3g} MMACs")
+        label = f"full, {name.split()[1]} steps" if name.startswith("fewer") else name
+        titles.append(f"{label}: FD {results[name]['fd']:.3g}, "
+                      f"{results[name]['macs_ratio']:.2f}x MACs")
     save_side_by_side(grids, titles, layout.eval / "samples.png", caption=(
         f"FD of each entry on the same {config.eval.num_samples} samples (the evaluation's "
-        f"noise: neither the search's nor its validation's); MACs per image per step"))
+        f"noise: neither the search's nor its validation's); MACs as a fraction of full "
+        f"width's at {sampler.num_steps} steps"))
     noise_images = np.clip(np.asarray(noise), -1.0, 1.0)
     metrics = {
         "full": results["full"],
