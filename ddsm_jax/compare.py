@@ -51,7 +51,7 @@ def load_evaluation(workdir: PathLike) -> dict[str, Any]:
     config = read_json(layout.config) if layout.config.is_file() else {}
     metrics.setdefault("seed", config.get("seed"))
     metrics.setdefault("strategy", config.get("strategy", "ddsm"))
-    metrics["workdir"] = str(layout.root)
+    metrics["workdir"] = str(workdir)  # as the user named it
     return metrics
 
 
@@ -69,7 +69,9 @@ def check_footing(evaluations: list[dict[str, Any]]) -> None:
 
 def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scored entry of one evaluation as a flat row."""
-    rows = [("full", evaluation["full"])]
+    # The multi-stage network's "full width" is its own stage rule: each step, its stage's decoder.
+    native = "stages" if evaluation["strategy"] == "multistage" else "full"
+    rows = [(native, evaluation["full"])]
     rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
     if "schedule" in evaluation:
         rows.append(("schedule", evaluation["schedule"]))
@@ -97,7 +99,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     workdirs = list(dict.fromkeys(row["workdir"] for row in rows))
-    markers = {"full": "*", "schedule": "D"}
+    markers = {"full": "*", "stages": "*", "schedule": "D"}
     for colour, workdir in zip(plt.cm.tab10.colors, workdirs):
         mine = [r for r in rows if r["workdir"] == workdir]
         name = f"{epath.Path(workdir).name} ({mine[0]['strategy']})"
@@ -116,7 +118,7 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
         for row in mine:
             if row["entry"] in markers:
                 ax.plot(row["macs_ratio"], row["fd"], markers[row["entry"]], color=colour,
-                        markersize=11 if row["entry"] == "full" else 8,
+                        markersize=8 if row["entry"] == "schedule" else 11,
                         label=f"{name}: {row['entry']}")
     ax.set_xlabel("MACs per sampling run, as a fraction of the full U-Net at every step")
     ax.set_ylabel("FD (lower is better)")

@@ -67,10 +67,10 @@ def test_compare_writes_the_table_json_and_picture(evaluated, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert {r["strategy"] for r in rows} == {"ddsm", "multistage"}
-    assert [r["entry"] for r in rows if r["strategy"] == "multistage"] == ["full"]
+    assert [r["entry"] for r in rows if r["strategy"] == "multistage"] == ["stages"]
     assert any(r["entry"] == "full, 3 steps" for r in rows)
     table = (tmp_path / "compare.md").read_text()
-    assert table.count("\n") == len(rows) + 2 and "| multistage | full |" in table
+    assert table.count("\n") == len(rows) + 2 and "| multistage | stages |" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
