@@ -24,9 +24,6 @@ from ddsm_jax.utils.files import as_path, read_json, write_atomically, write_jso
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, each evaluated.")
-_OUT = flags.DEFINE_string("out", "compare", "Folder for compare.json, compare.md, compare.png.")
-
 # What must agree for two evaluations to compare: (what it is, how to read it from metrics.json).
 FOOTING = (
     ("data set", lambda m: m["features"].get("dataset")),
@@ -145,18 +142,26 @@ def compare(workdirs: list[str], out: PathLike) -> dict[str, Any]:
             "picture": str(out / "compare.png"), "entries": len(rows)}
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def cli() -> None:
+    """The command line; its flags are defined here, not on import, so that the library part of
+    this module can be imported beside other programs' flags."""
     import sys
 
-    try:
-        print(json.dumps(compare(_WORKDIRS.value, _OUT.value)))
-    except (CompareError, OSError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    from ddsm_jax.utils.cli import run_program
+
+    workdirs = flags.DEFINE_list("workdirs", None, "Workdirs to compare, each evaluated.")
+    out = flags.DEFINE_string("out", "compare", "Folder for compare.json, compare.md, compare.png.")
+
+    def main(argv: list[str]) -> None:
+        del argv
+        try:
+            print(json.dumps(compare(workdirs.value, out.value)))
+        except (CompareError, OSError, KeyError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    run_program(main, required=["workdirs"])
 
 
 if __name__ == "__main__":
-    from ddsm_jax.utils.cli import run_program
-
-    run_program(main, required=["workdirs"])
+    cli()
