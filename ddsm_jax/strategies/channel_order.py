@@ -103,28 +103,26 @@ def unet_spaces(params: dict) -> list[Space]:
             produced_by(out, (*attn, "proj"))
         return out
 
+    def resampled(path: Path, current: Space) -> Space:  # a Downsample's or Upsample's conv
+        read_by(current, (*path, "conv"))
+        out = new(f"{path}", _get(params, path)["conv"]["bias"].shape[0])
+        produced_by(out, (*path, "conv"))
+        return out
+
     current = new("head", params["head"]["bias"].shape[0])
     produced_by(current, ("head",))
     skips = [current]
     for index in sorted(params["down"]):
         path = ("down", index)
-        if "conv" in params["down"][index]:  # Downsample
-            read_by(current, (*path, "conv"))
-            current = new(f"{path}", params["down"][index]["conv"]["bias"].shape[0])
-            produced_by(current, (*path, "conv"))
-        else:
-            current = res_block(path, [current])
+        current = (resampled(path, current) if "conv" in params["down"][index]
+                   else res_block(path, [current]))
         skips.append(current)
     for index in sorted(params["mid"]):
         current = res_block(("mid", index), [current])
     for index in sorted(params["up"]):
         path = ("up", index)
-        if "conv" in params["up"][index]:  # Upsample
-            read_by(current, (*path, "conv"))
-            current = new(f"{path}", params["up"][index]["conv"]["bias"].shape[0])
-            produced_by(current, (*path, "conv"))
-        else:
-            current = res_block(path, [current, skips.pop()])
+        current = (resampled(path, current) if "conv" in params["up"][index]
+                   else res_block(path, [current, skips.pop()]))
     normalised_by(current, ("tail_norm",))
     read_by(current, ("tail_conv",))
     return spaces

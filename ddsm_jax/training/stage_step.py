@@ -27,6 +27,7 @@ from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
 from ddsm_jax.training.train_step import (
     TrainState,
     accumulate_gradients,
+    ema_update,
     jit_train_step,
     learning_rate_schedule,
     make_optimizer,
@@ -107,8 +108,7 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
             updates, new_opt[name] = optimizer.update(clipped[name], opt_part[name],
                                                       trainable[name])
             updated[name] = optax.apply_updates(trainable[name], updates)
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                     _stage_part(state.ema_params, stage), updated)
+        ema = ema_update(_stage_part(state.ema_params, stage), updated, decay)
         new_state = TrainState(step=state.step + 1,
                                params=_with_stage(state.params, stage, updated),
                                ema_params=_with_stage(state.ema_params, stage, ema),

@@ -65,6 +65,11 @@ def sharded_train_state(params: Params, optimizer: optax.GradientTransformation,
     return state, shardings
 
 
+def ema_update(ema: Params, params: Params, decay: float) -> Params:
+    """The exponential moving average of the parameters, one step on."""
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
 def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from zero, then constant (the DDPM recipe)."""
     return optax.linear_schedule(0.0, training.learning_rate, max(1, training.warmup_steps))
@@ -164,8 +169,7 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
         (loss, per_width), grads = accumulate_gradients(gradients, batch, key, microbatch_size)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                            state.ema_params, params)
+        ema_params = ema_update(state.ema_params, params, decay)
         metrics = {"loss": loss, "loss_per_width": per_width, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": lr_schedule(state.step)}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
