@@ -19,7 +19,8 @@ from etils import epath
 
 from ddsm_jax.common_types import PathLike
 from ddsm_jax.layout import Workdir
-from ddsm_jax.utils.files import as_path, read_json, write_atomically, write_json, write_text_atomically
+from ddsm_jax.utils.files import as_path, read_json, write_json, write_text_atomically
+from ddsm_jax.utils.plots import save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -123,9 +124,7 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare(workdirs: list[str], out: PathLike) -> dict[str, Any]:

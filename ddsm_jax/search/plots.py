@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import matplotlib
 from etils import epath
@@ -15,14 +14,8 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from ddsm_jax.utils.files import write_atomically
+from ddsm_jax.utils.plots import save_figure
 from ddsm_jax.width_schedule import WidthSchedule
-
-
-def _save(fig: Any, path: PathLike) -> epath.Path:
-    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
-    plt.close(fig)
-    return path
 
 
 def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
@@ -46,7 +39,7 @@ def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
         title += f", FD {figures['fd']:.3g} (full width {figures['full_fd']:.3g})"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
@@ -75,4 +68,4 @@ def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

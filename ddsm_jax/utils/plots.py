@@ -29,6 +29,11 @@ def save_side_by_side(grids: Sequence[np.ndarray], titles: Sequence[str], path: 
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path: PathLike, *, dpi: int = 110) -> epath.Path:
+    """Writes `fig` atomically as a PNG at `path` and closes it."""
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
     plt.close(fig)
     return path
