@@ -67,8 +67,10 @@ def check_footing(evaluations: list[dict[str, Any]]) -> None:
 
 def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scored entry of one evaluation as a flat row."""
-    # The multi-stage network's "full width" is its own stage rule: each step, its stage's decoder.
-    native = "stages" if evaluation["strategy"] == "multistage" else "full"
+    # The multi-stage and step-adaptive networks' "full width" is their own rule: each step runs
+    # its stage's decoder (its group's pruned model).
+    native = {"multistage": "stages", "step_adaptive": "groups"}.get(evaluation["strategy"],
+                                                                     "full")
     rows = [(native, evaluation["full"])]
     rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
     if "schedule" in evaluation:

@@ -98,6 +98,16 @@ class Workdir:
     def export(self) -> epath.Path:
         return self.root / "export"
 
+    @property
+    def base(self) -> epath.Path:
+        """Step-Adaptive Training's base model: a workdir of its own inside this one."""
+        return self.root / "base"
+
+    @property
+    def step_groups(self) -> epath.Path:
+        """Step-Adaptive Training's groups, difficulties, widths and pruning figures."""
+        return self.root / "step_groups.json"
+
 
 class Stream(enum.IntEnum):
     """The random streams of a seed: stage S draws from `stream_key(seed, S)`. The network's
@@ -111,6 +121,7 @@ class Stream(enum.IntEnum):
     EXPORT = 4  # the samples stored with an export
     SEARCH = 5  # the search's shared noise; the evolution's numpy generator is seeded [seed, 5]
     VALIDATION = 6  # the fresh noise on which the search's shortlist is scored again
+    PROBE = 7  # Step-Adaptive Training's per-group losses and importances: fold_in(., group)
 
 
 def stream_key(seed: int, stream: Stream) -> jax.Array:

@@ -42,6 +42,7 @@ def run(config, workdir: str, mode: str) -> None:
     import jax
 
     from ddsm_jax.layout import Workdir
+    from ddsm_jax.models.network import strategy_name
     from ddsm_jax.provenance import weights_id
     from ddsm_jax.training.train import load_trained, record_config, require_checkpoint, train
     from ddsm_jax.utils.files import check_storage
@@ -57,7 +58,17 @@ def run(config, workdir: str, mode: str) -> None:
         require_checkpoint(layout.root)  # fails; in a workdir that exists, after the lock
     # Process 0 holds the workdir for the whole run; the other hosts of a pod follow it.
     with WorkdirLock(layout.root) if is_main else contextlib.nullcontext():
-        result = train(config, layout.root, dataset) if trains else load_trained(config, layout.root)
+        if strategy_name(config) == "step_adaptive":
+            from ddsm_jax.strategies import step_adaptive
+
+            if trains:
+                result, config = step_adaptive.train_groups(config, layout.root, dataset)
+            else:
+                config = step_adaptive.resolve(config, layout.root)
+                result = load_trained(config, layout.root)
+        else:
+            result = (train(config, layout.root, dataset) if trains
+                      else load_trained(config, layout.root))
         # Sampling, search, evaluation and export run on process 0 over its local devices.
         if result.preempted or not is_main:
             return
@@ -70,8 +81,8 @@ def run(config, workdir: str, mode: str) -> None:
 
 
 def stages_of(mode: str, network) -> tuple[str, ...]:
-    """The mode's stages; without search where the network has one width (the multi-stage
-    strategy: each step runs its stage's decoder, a rule with nothing to search)."""
+    """The mode's stages; without search where the network has one width (the multi-stage and
+    step-adaptive strategies: each step runs its stage's model, a rule with nothing to search)."""
     if len(network.widths) == 1:
         return tuple(stage for stage in STAGES[mode] if stage != "search")
     return STAGES[mode]
@@ -85,9 +96,14 @@ def check_inputs(config, mode: str):
     from ddsm_jax.width_schedule import load_schedule
 
     check_widths(config.model.widths)
-    if mode == "search" and strategy_name(config) == "multistage":
-        raise ValueError("the multistage strategy has no schedule to search: each step runs the "
-                         "decoder of its timestep's stage; run --mode=evaluate or --mode=all")
+    strategy = strategy_name(config)
+    if mode == "search" and strategy != "ddsm":
+        raise ValueError(f"the {strategy} strategy has no schedule to search: each step runs the "
+                         f"model of its timestep's stage; run --mode=evaluate or --mode=all")
+    if strategy == "step_adaptive":
+        from ddsm_jax.strategies.step_adaptive import check_config
+
+        check_config(config)
     if config.eval.schedule and {"evaluate", "export"} & set(STAGES[mode]):
         load_schedule(config.eval.schedule)
     return load_dataset(config.data) if mode in ("train", "all") else None

@@ -68,12 +68,33 @@ def test_ordering_by_importance_puts_important_channels_first_and_keeps_the_func
     network, params = random_unet(num_groups=1)
     grads = jax.tree_util.tree_map(
         lambda x: np.random.default_rng(x.size).normal(size=x.shape), params)
-    ordered = channel_order.order_by_importance(params, grads)
+    ordered = channel_order.order_by_importance(params, grads, num_groups=1)
     np.testing.assert_allclose(forward(network, ordered), forward(network, params),
                                rtol=2e-4, atol=2e-5)
     spaces = channel_order.unet_spaces(params)
-    ordered_grads = channel_order.order_by_importance(grads, params)  # same orders, by symmetry
+    ordered_grads = channel_order.order_by_importance(grads, params, 1)  # same orders, by symmetry
     for score in channel_order.importance(ordered, ordered_grads, spaces):
         assert np.all(np.diff(score) <= 1e-9)
     with pytest.raises(ValueError, match="must permute its"):
         channel_order.permute(params, spaces, [np.zeros(s.size, int) for s in spaces])
+
+
+def test_with_several_groups_ordering_moves_whole_groups_and_nearly_keeps_the_function():
+    network, params = random_unet(num_groups=4)
+    spaces = channel_order.unet_spaces(params)
+    units = {s.name: channel_order.unit_size(params, s, 4) for s in spaces}
+    # No norm reads the time embedding: one run. A block's inner channels: runs of one group.
+    # The first decoder block's output is read by its attention's norm (groups of 16) and by
+    # the next block's norm over [it, skip] (groups of 24): runs of 8.
+    assert units["time embedding"] == 128 and units["('down', 0) inner"] == 8
+    assert units["('up', 0) out"] == 8
+    order = channel_order.importance_order(np.array([0, 5, 1, 9, 2, 3, 7, 4.0]), unit=4)
+    np.testing.assert_array_equal(order, [6, 7, 5, 4, 3, 1, 2, 0])
+    grads = jax.tree_util.tree_map(
+        lambda x: np.random.default_rng(x.size).normal(size=x.shape), params)
+    before = forward(network, params)
+    ordered = forward(network, channel_order.order_by_importance(params, grads, 4))
+    # Channel by channel, the same scores regroup the norms and change the function far more.
+    regrouped = forward(network, channel_order.order_by_importance(params, grads, 1))
+    error, regrouped_error = np.abs(ordered - before).max(), np.abs(regrouped - before).max()
+    assert error < 0.03 * np.abs(before).max() and error < regrouped_error / 3

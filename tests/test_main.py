@@ -78,3 +78,36 @@ def test_the_multistage_strategy_runs_its_whole_pipeline(tmp_path, digits_classi
     searched = run_main(f"--workdir={workdir}", "--mode=search", *small)
     assert searched.returncode == 1
     assert "no schedule to search" in searched.stderr.strip().splitlines()[-1]
+
+
+def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    small = [*TINY, "--config.strategy=step_adaptive", "--config.step_adaptive.num_groups=2",
+             "--config.step_adaptive.finetune_steps=4", "--config.step_adaptive.probe_images=16",
+             "--config.step_adaptive.macs_budget=0.6", "--config.eval.num_samples=24",
+             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
+             "--config.export.num_samples=8"]
+    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [r["stage"] for r in reports] == ["grids", "evaluate", "export"]
+    assert reports[0]["step"] == 4  # the fine-tuning's steps; the base model's are in base/
+    assert (workdir / "base" / "checkpoints" / "4").is_dir()
+    plan = json.loads((workdir / "step_groups.json").read_text())
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["strategy"] == "step_adaptive"
+    assert abs(metrics["full"]["macs_ratio"] - plan["macs_ratio"]) < 1e-9
+    assert plan["macs_ratio"] <= 0.6 and len(plan["group_widths"]) == 2
+    assert metrics["training"]["images"] == (4 + 4) * 16  # base model and fine-tuning
+    log = (workdir / "metrics.jsonl").read_text()
+    assert "loss_stage" in log and "loss_w" not in log
+    # A later mode rebuilds the same groups from the plan; a plan from other base weights is
+    # refused by name rather than fine-tuned further.
+    evaluated = run_main(f"--workdir={workdir}", "--mode=evaluate", *small)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    plan["base_weights"]["sha256"] = "0" * 16
+    (workdir / "step_groups.json").write_text(json.dumps(plan))
+    again = run_main(f"--workdir={workdir}", "--mode=train", *small)
+    assert again.returncode == 1
+    assert "pruned from other base weights" in again.stderr.strip().splitlines()[-1]

@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The step-aware method (docs/strategies.md): 'ddsm', one slimmable U-Net with a searched
     # width per sampling step; 'multistage' (Zhang, Lu et al., arXiv 2312.09181), a shared
-    # encoder with one decoder per timestep stage, each of its own size.
+    # encoder with one decoder per timestep stage, each of its own size; 'step_adaptive' (Li et
+    # al., arXiv 2312.13307), one model per timestep group pruned from a base model.
     config.strategy = "ddsm"
     config.multistage = ml_collections.ConfigDict()
     # Decoder base channels as fractions of model.ch, one per stage, low noise to high. The
@@ -44,6 +45,24 @@ def base_config() -> ml_collections.ConfigDict:
     # The first timestep of stages 2..K. The paper's CIFAR-10 stages (VP t = 0.442, 0.6308);
     # a data set's own come from `ddsm_jax.strategies.stage_split.stage_boundaries`.
     config.multistage.boundaries = (442, 631)
+
+    # Step-Adaptive Training. Its paper leaves the grouping, the difficulty and the pruning proxy
+    # unstated; ours (ddsm_jax/strategies/step_adaptive.py, docs/strategies.md): `training`
+    # trains the base model (one full-width U-Net, in WORKDIR/base); the sampler's timesteps are
+    # split into groups by log-SNR; each group's difficulty is the base model's loss on its
+    # timesteps; widths from model.widths are given monotone in difficulty under the MACs
+    # budget; each group's model is the base model with its channels reordered by Taylor
+    # importance on the group's timesteps, cut to that width and fine-tuned on the group alone.
+    config.step_adaptive = ml_collections.ConfigDict()
+    config.step_adaptive.num_groups = 4
+    config.step_adaptive.macs_budget = 0.8  # mean MACs per sampling step / full width's
+    config.step_adaptive.difficulty = "loss"  # 'loss' (base model's) | 'snr' (noisier is harder)
+    config.step_adaptive.probe_images = 512  # training images per group for loss and importance
+    config.step_adaptive.finetune_steps = 20000  # batches over all groups, one group per batch
+    config.step_adaptive.finetune_learning_rate = 2e-5
+    # Set by the base phase (written to WORKDIR/step_groups.json); give both to fix them.
+    config.step_adaptive.boundaries = ()
+    config.step_adaptive.group_widths = ()
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000

@@ -36,6 +36,11 @@ def get_config(variant: str = ""):
     config.multistage.decoder_ratios = (1.5, 1.0, 0.25)
     config.multistage.boundaries = (126, 176)
 
+    # --config.strategy=step_adaptive: its base model is the plain 2,000-step U-Net, then 1,000
+    # fine-tuning batches over its four groups.
+    config.step_adaptive.finetune_steps = 1000
+    config.step_adaptive.finetune_learning_rate = 2e-4
+
     config.training.batch_size = 64
     config.training.num_steps = 2000
     config.training.learning_rate = 1e-3
@@ -80,6 +85,8 @@ def tiny(config):
     config.training.ema_decay = 0.98
     config.training.log_every = 20
     config.training.checkpoint_every = 120
+    config.step_adaptive.finetune_steps = 40
+    config.step_adaptive.probe_images = 64
 
     config.sampling.num_steps = 10
     config.sampling.num_samples = 16

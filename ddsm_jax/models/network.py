@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ddsm_jax.common_types import Params
+from ddsm_jax.models.grouped_unet import build_grouped_unet
 from ddsm_jax.models.multi_decoder import build_multi_decoder_unet
 from ddsm_jax.models.unet import build_unet
 from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
@@ -26,10 +27,11 @@ from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
 class Network:
     """The static part of the model: its graph, image shape and the widths it was trained for.
 
-    `boundaries` is None for one slimmable U-Net that serves every step (DDSM), and for the
-    multi-stage strategy's U-Net the first timestep of its stages 2..K: a sampling step at
-    timestep t runs the decoder of t's stage. A branch (one static program) is then a pair
-    (stage, width index); a schedule still chooses only the width of each step.
+    `boundaries` is None for one slimmable U-Net that serves every step (DDSM); for the
+    multi-stage strategy's U-Net and Step-Adaptive Training's group models, the first timestep
+    of stages (groups) 2..K: a sampling step at timestep t runs the decoder (model) of t's
+    stage. A branch (one static program) is then a pair (stage, width index); a schedule still
+    chooses only the width of each step.
     """
 
     graphdef: Any
@@ -83,28 +85,31 @@ def strategy_name(config: ml_collections.ConfigDict) -> str:
     return name
 
 
-STRATEGIES = ("ddsm", "multistage")
+STRATEGIES = ("ddsm", "multistage", "step_adaptive")
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """The network of `config.strategy`."""
-    if strategy_name(config) == "multistage":
-        return build_multi_decoder_unet(config, rngs)
-    return build_unet(config, rngs)
+    builder = {"multistage": build_multi_decoder_unet,
+               "step_adaptive": build_grouped_unet}.get(strategy_name(config), build_unet)
+    return builder(config, rngs)
 
 
 def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
     check_widths(config.model.widths)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    if strategy_name(config) != "multistage":
+    strategy = strategy_name(config)
+    if strategy == "ddsm":
         return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
-    boundaries = tuple(int(b) for b in config.multistage.boundaries)
+    section = config[strategy]
+    boundaries = tuple(int(b) for b in section.boundaries)
     stage_ranges(boundaries, config.diffusion.num_timesteps)  # checks them
-    if len(boundaries) + 1 != len(config.multistage.decoder_ratios):
-        raise ValueError(f"multistage.boundaries={boundaries} make {len(boundaries) + 1} stages "
-                         f"but multistage.decoder_ratios gives "
-                         f"{len(config.multistage.decoder_ratios)} decoders; give one per stage")
-    # Its decoders train at full width only (the paper's method): one width.
+    models = section.decoder_ratios if strategy == "multistage" else section.group_widths
+    if len(boundaries) + 1 != len(models):
+        what = "decoder_ratios" if strategy == "multistage" else "group_widths"
+        raise ValueError(f"{strategy}.boundaries={boundaries} make {len(boundaries) + 1} stages "
+                         f"but {strategy}.{what} gives {len(models)}; give one per stage")
+    # Each stage's decoder (group's model) trains at its one width only, as the papers do.
     return Network(graphdef, (1.0,), image_shape, boundaries)
 
 

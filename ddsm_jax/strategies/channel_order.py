@@ -7,9 +7,8 @@ parameters: a convolution's output channels are the next layers' input channels,
 and a bias's entries, and through identity shortcuts the channels of the block's input; the
 decoder's blocks read the concatenation of their input and an encoder skip. A *space* is one
 such set of coupled channels: every (parameter, axis, offset) that indexes it. Permuting a space
-on all its entries leaves the network's function unchanged wherever no GroupNorm group straddles
-the permutation (with one group per norm, always: tested); with several groups, channels change
-group and the function changes a little, which the fine-tuning that follows pruning absorbs.
+on all its entries leaves the network's function unchanged wherever no channel changes GroupNorm
+group (with one group per norm, always: tested); `order_by_importance` moves whole groups.
 
 Importance is Taylor's |w * dL/dw| (Molchanov et al.; Diff-Pruning's criterion), summed over
 every parameter entry of a channel, with the loss on one group's timesteps.
@@ -18,6 +17,7 @@ every parameter entry of a channel, with the loss on one group's timesteps.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -161,11 +161,37 @@ def importance(params: dict, grads: dict, spaces: list[Space]) -> list[np.ndarra
     return scores
 
 
-def order_by_importance(params: dict, grads: dict) -> dict:
+def unit_size(params: dict, space: Space, num_groups: int) -> int:
+    """The channels of `space` that move together: the longest equal runs that no GroupNorm
+    group boundary cuts (a whole group where a norm reads only this space; the whole space where
+    one group holds it)."""
+    unit = space.size
+    for path, _, offset in space.entries:
+        if path[-1] == "scale":  # a GroupNorm's: groups of channels / num_groups
+            group = _get(params, path).shape[0] // num_groups
+            for boundary in range(-offset % group or group, space.size, group):
+                unit = math.gcd(unit, boundary)
+    return unit
+
+
+def importance_order(score: np.ndarray, unit: int) -> np.ndarray:
+    """Units of `unit` channels by decreasing summed score, and channels within each unit by
+    decreasing score."""
+    units = np.asarray(score).reshape(-1, unit)
+    unit_order = np.argsort(-units.sum(axis=1), kind="stable")
+    within = np.argsort(-units, axis=1, kind="stable")[unit_order]
+    return (unit_order[:, None] * unit + within).reshape(-1)
+
+
+def order_by_importance(params: dict, grads: dict, num_groups: int) -> dict:
     """`params` with every space's channels in decreasing importance, so that the leading
-    slice a width keeps holds its most important channels."""
+    slice a width keeps holds its most important channels. Channels move in `unit_size` runs:
+    a permutation that moves whole GroupNorm groups, and channels only within their group,
+    keeps the network's function exactly (where a norm's groups straddle two spaces, runs are
+    shorter and the function changes a little)."""
     spaces = unet_spaces(params)
-    orders = [np.argsort(-score, kind="stable") for score in importance(params, grads, spaces)]
+    orders = [importance_order(score, unit_size(params, space, num_groups))
+              for space, score in zip(spaces, importance(params, grads, spaces))]
     return permute(params, spaces, orders)
 
 

@@ -97,6 +97,6 @@ def stage_ranges(boundaries: Sequence[int], num_timesteps: int) -> tuple[tuple[i
     """[first, last + 1) timesteps of each stage; a clear error for boundaries out of order."""
     edges = (0, *(int(b) for b in boundaries), num_timesteps)
     if any(a >= b for a, b in itertools.pairwise(edges)):
-        raise ValueError(f"multistage.boundaries={tuple(boundaries)} must increase strictly "
+        raise ValueError(f"stage boundaries {tuple(boundaries)} must increase strictly "
                          f"within (0, {num_timesteps}): the first timestep of stages 2..K")
     return tuple(itertools.pairwise(edges))

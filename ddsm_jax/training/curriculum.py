@@ -10,8 +10,8 @@ from typing import Any
 import ml_collections
 
 from ddsm_jax.common_types import Params
-from ddsm_jax.models.cost import width_macs
-from ddsm_jax.models.network import Network
+from ddsm_jax.models.cost import reference_macs, width_macs
+from ddsm_jax.models.network import Network, strategy_name
 from ddsm_jax.training.sandwich import every_sandwich, sandwich_widths, sandwiches_between
 from ddsm_jax.training.stage_step import draw_stage, make_stage_train_step, stages_between
 from ddsm_jax.training.train_step import make_train_step
@@ -56,7 +56,8 @@ def training_macs(config: ml_collections.ConfigDict, network: Network,
                   params: Params) -> dict[str, float]:
     """The MACs `config.training` spends (each image of each step through every branch the step
     trains, forward and backward), counted step by step from the curriculum: what strategies
-    differ in as much as in sampling cost (DDSM's sandwich trains three sub-networks per image)."""
+    differ in as much as in sampling cost (DDSM's sandwich trains three sub-networks per image);
+    Step-Adaptive Training's includes its base model's run."""
     curriculum = Curriculum.of(config, network)
     per_choice: dict[Any, float] = {}
     total = 0.0
@@ -66,6 +67,10 @@ def training_macs(config: ml_collections.ConfigDict, network: Network,
             per_choice[choice] = sum(width_macs(network, params, **dict(branch)).total
                                      for branch in curriculum.branches(choice))
         total += per_choice[choice]
-    images = config.training.num_steps * config.training.batch_size
-    return {"images": images,
-            "macs": FORWARD_AND_BACKWARD * config.training.batch_size * total}
+    batch = config.training.batch_size
+    images, macs = config.training.num_steps * batch, FORWARD_AND_BACKWARD * batch * total
+    if strategy_name(config) == "step_adaptive":  # its base model's run
+        base_steps = config.step_adaptive.base_steps
+        images += base_steps * batch
+        macs += FORWARD_AND_BACKWARD * base_steps * batch * reference_macs(config)
+    return {"images": images, "macs": macs}

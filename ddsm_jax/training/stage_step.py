@@ -1,5 +1,6 @@
 """One multi-stage update (arXiv 2312.09181): a batch from one timestep stage trains the shared
-encoder and that stage's decoder.
+encoder and that stage's decoder; for Step-Adaptive Training (arXiv 2312.13307), that timestep
+group's own model.
 
 The stage is drawn on the host as the paper draws it (one uniform timestep, whose stage the whole
 batch then samples within), from an RNG keyed by (seed, step), and is a static argument: one
@@ -52,13 +53,19 @@ def stages_between(boundaries: Sequence[int], num_timesteps: int, seed: int, sta
     return list(seen)
 
 
-def _with_stage(tree: dict, stage: int, part: Any) -> dict:
-    """`tree` (encoder and decoders) with its encoder and stage's decoder replaced by `part`."""
-    return {"encoder": part["encoder"], "decoders": {**tree["decoders"], stage: part["decoder"]}}
-
-
 def _stage_part(tree: dict, stage: int) -> dict:
+    """What a batch of `stage` trains, of a params-shaped tree: the multi-stage U-Net's encoder
+    and that stage's decoder, or that timestep group's whole model."""
+    if "groups" in tree:
+        return {"group": tree["groups"][stage]}
     return {"encoder": tree["encoder"], "decoder": tree["decoders"][stage]}
+
+
+def _with_stage(tree: dict, stage: int, part: dict) -> dict:
+    """`tree` with the `_stage_part` of `stage` replaced by `part`."""
+    if "groups" in tree:
+        return {"groups": {**tree["groups"], stage: part["group"]}}
+    return {"encoder": part["encoder"], "decoders": {**tree["decoders"], stage: part["decoder"]}}
 
 
 def make_stage_train_step(network: Network, diffusion: Diffusion,
@@ -69,8 +76,9 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
     `train_step.make_train_step`, with `stage` (static) in place of the sandwich's widths.
 
     Gradients are clipped by their global norm over the encoder and the decoder together; each
-    of the two then takes its own step of the usual optimizer (whose own clipping, per part,
-    then changes nothing) with its own count, so a decoder's warm-up runs over its own updates.
+    of the two (or the group's one model) then takes its own step of the usual optimizer (whose
+    own clipping, per part, then changes nothing) with its own count, so a decoder's warm-up
+    runs over its own updates.
     """
     optimizer = make_optimizer(training)
     clip = optax.clip_by_global_norm(training.grad_clip)
@@ -104,7 +112,7 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
         clipped, _ = clip.update(grads, clip.init(grads))
         opt_part = _stage_part(state.opt_state, stage)
         updated, new_opt = {}, {}
-        for name in ("encoder", "decoder"):
+        for name in trainable:
             updates, new_opt[name] = optimizer.update(clipped[name], opt_part[name],
                                                       trainable[name])
             updated[name] = optax.apply_updates(trainable[name], updates)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from ddsm_jax.common_types import PathLike
+from ddsm_jax.common_types import Params, PathLike
 from ddsm_jax.data.pipeline import ImageDataset, load_dataset, train_batches
 from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
 from ddsm_jax.grids import WidthGrids
@@ -66,9 +66,11 @@ def record_config(layout: Workdir, config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: PathLike,
-          dataset: ImageDataset | None = None) -> TrainResult:
+          dataset: ImageDataset | None = None, *,
+          initial_params: Callable[[], Params] | None = None) -> TrainResult:
     """Trains (or resumes training of) the supernet in `workdir` up to training.num_steps.
-    `dataset`: the loaded `config.data` (loaded here when None)."""
+    `dataset`: the loaded `config.data` (loaded here when None). `initial_params`: where a run
+    starts from given weights (pruned ones), called only when there is no checkpoint."""
     layout = Workdir(workdir)
     training = config.training
     if dataset is None:
@@ -96,6 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike,
     if restored is not None:
         state, data_state = restored
         batches.set_state(data_state)
+    elif initial_params is not None:
+        state, _ = sharded_train_state(initial_params(), make_optimizer(training), mesh)
     if is_main:
         record_config(layout, config)
 

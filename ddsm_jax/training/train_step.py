@@ -39,7 +39,9 @@ class TrainState:
 def init_optimizer_state(optimizer: optax.GradientTransformation, params: Params) -> Any:
     """One optimizer state for a network's whole tree; for the multi-decoder U-Net's (encoder
     and decoders), one for the encoder and one per decoder, so that a decoder's state moves
-    only when its stage trains (`stage_step`)."""
+    only when its stage trains (`stage_step`); for the grouped U-Net, one per group."""
+    if set(params) == {"groups"}:
+        return {"groups": {k: optimizer.init(v) for k, v in params["groups"].items()}}
     if set(params) != {"encoder", "decoders"}:
         return optimizer.init(params)
     return {"encoder": optimizer.init(params["encoder"]),
