@@ -106,6 +106,10 @@ def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_cla
     # refused by name rather than fine-tuned further.
     evaluated = run_main(f"--workdir={workdir}", "--mode=evaluate", *small)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    other_budget = [a.replace("macs_budget=0.6", "macs_budget=0.5") for a in small]
+    replanned = run_main(f"--workdir={workdir}", "--mode=train", *other_budget)
+    assert replanned.returncode == 1
+    assert "planned with other step_adaptive settings" in replanned.stderr.strip().splitlines()[-1]
     plan["base_weights"]["sha256"] = "0" * 16
     (workdir / "step_groups.json").write_text(json.dumps(plan))
     again = run_main(f"--workdir={workdir}", "--mode=train", *small)

@@ -64,6 +64,7 @@ def test_the_plan_groups_by_snr_meets_the_budget_and_prunes_only_where_it_helps(
     config = tiny_config()
     config.strategy = "step_adaptive"
     config.step_adaptive.macs_budget = 0.7
+    config.step_adaptive.num_groups = 4
     base = step_adaptive.base_config(config)
     network, params = init_network(base, jax.random.key(0))
     diffusion = diffusion_from_config(config.diffusion)

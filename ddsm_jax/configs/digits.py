@@ -36,8 +36,9 @@ def get_config(variant: str = ""):
     config.multistage.decoder_ratios = (1.5, 1.0, 0.25)
     config.multistage.boundaries = (126, 176)
 
-    # --config.strategy=step_adaptive: its base model is the plain 2,000-step U-Net, then 1,000
-    # fine-tuning batches over its four groups.
+    # --config.strategy=step_adaptive: its base model is the plain 2,000-step U-Net (the same
+    # weights as --config.model.widths="(1.0,)"), then 1,000 fine-tuning batches over its four
+    # groups.
     config.step_adaptive.finetune_steps = 1000
     config.step_adaptive.finetune_learning_rate = 2e-4
 
@@ -85,6 +86,7 @@ def tiny(config):
     config.training.ema_decay = 0.98
     config.training.log_every = 20
     config.training.checkpoint_every = 120
+    config.step_adaptive.num_groups = 2  # one compiled fine-tuning step per group
     config.step_adaptive.finetune_steps = 40
     config.step_adaptive.probe_images = 64
 

@@ -108,7 +108,7 @@ def plan_groups(config: ml_collections.ConfigDict, network: Network, diffusion: 
         boundaries = tuple(int(timesteps[groups == g].min()) for g in range(1, groups.max() + 1))
     ranges = stage_ranges(boundaries, diffusion.num_timesteps)
     sizes = np.bincount(groups, minlength=len(ranges))
-    probe = _Probe(network, diffusion, images, config.seed)
+    probe = _Probe(network, diffusion, images, config.seed, config.training.batch_size)
     full_loss, grads = zip(*(probe.loss_and_grads(params, r, g) for g, r in enumerate(ranges)))
     if section.difficulty == "loss":
         difficulty = [float(v) for v in full_loss]
@@ -146,31 +146,52 @@ def plan_groups(config: ml_collections.ConfigDict, network: Network, diffusion: 
 
 class _Probe:
     """The base model's epsilon loss (and its gradient) on one group's timesteps, on the same
-    images and noise for every call on that group."""
+    images and noise for every call on that group, in chunks of at most `chunk` images."""
 
-    def __init__(self, network: Network, diffusion: Diffusion, images: np.ndarray, seed: int):
-        self.images = jnp.asarray(images)
+    def __init__(self, network: Network, diffusion: Diffusion, images: np.ndarray, seed: int,
+                 chunk: int):
+        self.chunks = [jnp.asarray(images[i:i + chunk]) for i in range(0, len(images), chunk)]
         self.key = stream_key(seed, Stream.PROBE)
 
-        def loss(params: Params, key: jax.Array, low: jax.Array, high: jax.Array,
-                 width: float) -> jax.Array:
+        def loss(params: Params, images: jax.Array, key: jax.Array, low: jax.Array,
+                 high: jax.Array, width: float) -> jax.Array:
             def eps_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return network.apply(params, x_t, t, width=width)
 
-            return epsilon_loss(eps_fn, diffusion, self.images, key, t_range=(low, high))
+            return epsilon_loss(eps_fn, diffusion, images, key, t_range=(low, high))
 
         self._loss = jax.jit(loss, static_argnames="width")
         self._loss_and_grads = jax.jit(jax.value_and_grad(loss), static_argnames="width")
 
+    def _mean(self, fn: Any, params: Params, t_range: tuple[int, int], group: int,
+              width: float) -> Any:
+        """`fn` averaged over the chunks, weighted by their sizes."""
+        key = jax.random.fold_in(self.key, group)
+        weights = np.array([len(c) for c in self.chunks]) / sum(len(c) for c in self.chunks)
+        parts = [fn(params, c, jax.random.fold_in(key, i), *t_range, width=width)
+                 for i, c in enumerate(self.chunks)]
+        return jax.tree_util.tree_map(lambda *xs: sum(w * x for w, x in zip(weights, xs)),
+                                      *parts)
+
     def loss_and_grads(self, params: Params, t_range: tuple[int, int],
                        group: int) -> tuple[float, Params]:
-        value, grads = self._loss_and_grads(params, jax.random.fold_in(self.key, group),
-                                            *t_range, width=1.0)
+        value, grads = self._mean(self._loss_and_grads, params, t_range, group, 1.0)
         return float(value), grads
 
     def loss(self, params: Params, t_range: tuple[int, int], group: int, width: float) -> float:
-        return float(self._loss(params, jax.random.fold_in(self.key, group), *t_range,
-                                width=width))
+        return float(self._mean(self._loss, params, t_range, group, width))
+
+
+def plan_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Every setting a plan depends on besides the base weights."""
+    section, sampling = config.step_adaptive, config.sampling
+    return {"step_adaptive": {k: section[k] for k in ("num_groups", "macs_budget", "difficulty",
+                                                      "probe_images")},
+            "given": {"boundaries": [int(b) for b in section.boundaries],
+                      "group_widths": [float(w) for w in section.group_widths]},
+            "model.widths": [float(w) for w in config.model.widths],
+            "training.batch_size": config.training.batch_size,
+            "sampling": {k: sampling[k] for k in ("method", "num_steps", "spacing")}}
 
 
 def probe_images(dataset: ImageDataset, count: int) -> np.ndarray:
@@ -188,13 +209,18 @@ def load_or_plan(config: ml_collections.ConfigDict, workdir: PathLike, network: 
     """The workdir's plan, or a new one (written by the main process); and a function giving
     the groups' initial (pruned) parameters, computed only if they are needed."""
     path = Workdir(workdir).step_groups
-    base = weights_id(step, params)
+    base, settings = weights_id(step, params), plan_settings(config)
     if path.exists():
         plan = read_json(path)
         if plan.get("base_weights") != base:
             raise ValueError(f"{workdir}'s group models were pruned from other base weights "
                              f"(step {plan.get('base_weights', {}).get('step')}) than "
                              f"{Workdir(workdir).base}'s (step {step}); use a new --workdir")
+        if plan.get("settings") != settings:
+            changed = [k for k in settings if plan.get("settings", {}).get(k) != settings[k]]
+            raise ValueError(f"{workdir}'s groups were planned with other {', '.join(changed)} "
+                             f"settings ({path.name} has them); use a new --workdir or the "
+                             f"settings it was planned with")
 
         def initial() -> Params:
             _, pruned = plan_groups(grouped_config(config, plan), network, diffusion, params,
@@ -204,7 +230,7 @@ def load_or_plan(config: ml_collections.ConfigDict, workdir: PathLike, network: 
         return plan, initial
     plan, pruned = plan_groups(config, network, diffusion, params,
                                probe_images(dataset, config.step_adaptive.probe_images))
-    plan["base_weights"] = base
+    plan.update(base_weights=base, settings=settings)
     if is_main:
         write_json(path, plan)
     return plan, lambda: group_params(pruned)
