@@ -97,9 +97,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     workdirs = list(dict.fromkeys(row["workdir"] for row in rows))
-    markers = {"full": "*", "stages": "*", "schedule": "D"}
+    markers = {"full": "*", "stages": "*", "groups": "*", "schedule": "D"}
     for colour, workdir in zip(plt.cm.tab10.colors, workdirs):
         mine = [r for r in rows if r["workdir"] == workdir]
         name = f"{epath.Path(workdir).name} ({mine[0]['strategy']})"
@@ -124,7 +124,7 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     ax.set_ylabel("FD (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: no mark hidden
     fig.tight_layout()
     return save_figure(fig, path)
 
