@@ -97,9 +97,13 @@ def check_inputs(config, mode: str):
 
     check_widths(config.model.widths)
     strategy = strategy_name(config)
-    if mode == "search" and strategy != "ddsm":
+    searchable = strategy == "ddsm" or (strategy == "multistage"
+                                        and len(config.multistage.decoder_widths) > 1)
+    if mode == "search" and not searchable:
         raise ValueError(f"the {strategy} strategy has no schedule to search: each step runs the "
-                         f"model of its timestep's stage; run --mode=evaluate or --mode=all")
+                         f"model of its timestep's stage; run --mode=evaluate or --mode=all"
+                         + (" (or give multistage.decoder_widths: slimmable decoders)"
+                            if strategy == "multistage" else ""))
     if strategy == "step_adaptive":
         from ddsm_jax.strategies.step_adaptive import check_config
 

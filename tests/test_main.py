@@ -115,3 +115,24 @@ def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_cla
     again = run_main(f"--workdir={workdir}", "--mode=train", *small)
     assert again.returncode == 1
     assert "pruned from other base weights" in again.stderr.strip().splitlines()[-1]
+
+
+def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    small = [*TINY, "--config.strategy=multistage", "--config.multistage.decoder_widths=(1.0,0.5)",
+             "--config.search.population_size=4", "--config.search.generations=1",
+             "--config.search.num_samples=16", "--config.search.validation_samples=16",
+             "--config.search.macs_budget=0.9", "--config.eval.num_samples=16",
+             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
+             "--config.export.num_samples=8"]
+    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
+    schedule = json.loads((workdir / "search" / "schedule.json").read_text())
+    assert schedule["widths"] == [1.0, 0.5] and len(schedule["schedule"]) == 5
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert set(metrics["uniform"]) == {"0.5"} and metrics["schedule"]["macs_ratio"] <= 0.9
+    assert metrics["uniform"]["0.5"]["macs_ratio"] < metrics["full"]["macs_ratio"]
+    assert "loss_stage2_w0.5" in (workdir / "metrics.jsonl").read_text()

@@ -51,7 +51,7 @@ def test_a_group_step_moves_its_model_and_nothing_else():
                                             config.training, network.boundaries)
     batch = jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1, maxval=1)
     for _ in range(2):
-        state, metrics = step(state, batch, jax.random.key(2), stage=1)
+        state, metrics = step(state, batch, jax.random.key(2), choice=(1, (1.0,)))
     assert np.isfinite(float(metrics["loss"]))
     for tree in ("params", "ema_params", "opt_state"):
         new, old = getattr(state, tree)["groups"], getattr(before, tree)["groups"]

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The first timestep of stages 2..K. The paper's CIFAR-10 stages (VP t = 0.442, 0.6308);
     # a data set's own come from `ddsm_jax.strategies.stage_split.stage_boundaries`.
     config.multistage.boundaries = (442, 631)
+    # Empty: each decoder trains and samples at its own size only (the paper's method). Widths
+    # such as (1.0, 0.5, 0.25): the decoders are slimmable, each batch trains its stage's decoder
+    # at a sandwich of them, and the search chooses a decoder width per sampling step.
+    config.multistage.decoder_widths = ()
 
     # Step-Adaptive Training. Its paper leaves the grouping, the difficulty and the pruning proxy
     # unstated; ours (ddsm_jax/strategies/step_adaptive.py, docs/strategies.md): `training`

@@ -65,15 +65,15 @@ class Network:
                 for stage in range(self.num_stages) for index in range(len(self.widths))]
 
 
-def check_widths(widths: Any) -> None:
+def check_widths(widths: Any, name: str = "config.model.widths") -> None:
     """A clear error for a width list the supernet cannot be built with."""
     try:
         values = [float(w) for w in widths]
     except (TypeError, ValueError):
-        raise ValueError(f"config.model.widths={widths!r} must be a list of numbers in (0, 1], "
+        raise ValueError(f"{name}={widths!r} must be a list of numbers in (0, 1], "
                          f"e.g. '(1.0,0.75,0.5,0.25)'") from None
     if not values or not all(0 < w <= 1 for w in values) or len(set(values)) != len(values):
-        raise ValueError(f"config.model.widths={tuple(widths)!r} must be distinct numbers in "
+        raise ValueError(f"{name}={tuple(widths)!r} must be distinct numbers in "
                          f"(0, 1], at least one, e.g. '(1.0,0.75,0.5,0.25)'")
 
 
@@ -109,8 +109,11 @@ def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
         what = "decoder_ratios" if strategy == "multistage" else "group_widths"
         raise ValueError(f"{strategy}.boundaries={boundaries} make {len(boundaries) + 1} stages "
                          f"but {strategy}.{what} gives {len(models)}; give one per stage")
-    # Each stage's decoder (group's model) trains at its one width only, as the papers do.
-    return Network(graphdef, (1.0,), image_shape, boundaries)
+    # Each stage's decoder (group's model) trains at its one width, as the papers do; or, with
+    # multistage.decoder_widths, slimmable decoders whose width per step the search chooses.
+    widths = section.get("decoder_widths", ()) if strategy == "multistage" else ()
+    check_widths(widths or (1.0,), "config.multistage.decoder_widths")
+    return Network(graphdef, tuple(float(w) for w in widths) or (1.0,), image_shape, boundaries)
 
 
 def init_network(config: ml_collections.ConfigDict, key: jax.Array) -> tuple[Network, Params]:

@@ -13,7 +13,7 @@ from ddsm_jax.common_types import Params
 from ddsm_jax.models.cost import reference_macs, width_macs
 from ddsm_jax.models.network import Network, strategy_name
 from ddsm_jax.training.sandwich import every_sandwich, sandwich_widths, sandwiches_between
-from ddsm_jax.training.stage_step import draw_stage, make_stage_train_step, stages_between
+from ddsm_jax.training.stage_step import choices_between, draw_choice, make_stage_train_step
 from ddsm_jax.training.train_step import make_train_step
 
 # A training step's backward pass costs about twice its forward pass: a step counts 3 forwards.
@@ -23,7 +23,7 @@ FORWARD_AND_BACKWARD = 3
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
     """What each training step trains, as the static argument of its compiled program: DDSM's
-    sandwich of widths, or the multi-stage strategy's stage."""
+    sandwich of widths, or a stage and the widths its decoder (group model) trains at."""
 
     make_step: Callable
     choice: Callable[[int], Any]  # step -> static argument
@@ -36,15 +36,25 @@ class Curriculum:
     @classmethod
     def of(cls, config: ml_collections.ConfigDict, network: Network) -> Curriculum:
         seed = config.seed
+        widths = network.widths
         if network.boundaries is not None:
             bounds, steps = network.boundaries, config.diffusion.num_timesteps
+
+            def loss_names(choice: tuple[int, tuple[float, ...]]) -> list[str]:
+                stage, trained = choice
+                if len(trained) == 1:
+                    return [f"loss_stage{stage}"]
+                return [f"loss_stage{stage}_w{w}" for w in trained]
+
             return cls(functools.partial(make_stage_train_step, boundaries=bounds),
-                       lambda step: draw_stage(bounds, steps, seed, step),
-                       lambda start, stop: stages_between(bounds, steps, seed, start, stop),
-                       lambda stage: [f"loss_stage{stage}"],
-                       lambda stage: [network.branch(stage, 0)],
-                       list(range(network.num_stages)), "stage")
-        widths = network.widths
+                       lambda step: draw_choice(bounds, steps, widths, seed, step),
+                       lambda start, stop: choices_between(bounds, steps, widths, seed, start,
+                                                           stop),
+                       loss_names,
+                       lambda choice: [network.branch(choice[0], widths.index(w))
+                                       for w in choice[1]],
+                       [(stage, trained) for stage in range(network.num_stages)
+                        for trained in every_sandwich(widths)], "stage")
         return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
                    lambda start, stop: sandwiches_between(widths, seed, start, stop),
                    lambda chosen: [f"loss_w{w}" for w in chosen],

@@ -11,11 +11,13 @@ would still move them with zero gradients, through its momentum.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -25,6 +27,7 @@ from ddsm_jax.diffusion.losses import epsilon_loss
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network
 from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
+from ddsm_jax.training.sandwich import every_sandwich
 from ddsm_jax.training.train_step import (
     TrainState,
     accumulate_gradients,
@@ -37,18 +40,32 @@ from ddsm_jax.training.train_step import (
 
 def draw_stage(boundaries: Sequence[int], num_timesteps: int, seed: int, step: int) -> int:
     """The stage that step `step` trains: that of one uniformly drawn timestep."""
-    t = np.random.default_rng([seed, step]).integers(num_timesteps)
-    return int(stage_of(t, boundaries))
+    return draw_choice(boundaries, num_timesteps, (1.0,), seed, step)[0]
 
 
-def stages_between(boundaries: Sequence[int], num_timesteps: int, seed: int, start: int,
-                   stop: int) -> list[int]:
-    """The distinct stages steps [start, stop) train, in order of first use (the programs a run
+def draw_choice(boundaries: Sequence[int], num_timesteps: int, widths: Sequence[float],
+                seed: int, step: int) -> tuple[int, tuple[float, ...]]:
+    """What step `step` trains: (its stage, as `draw_stage`; the widths its decoder trains at).
+    With several decoder widths, a sandwich (largest, smallest, one middle drawn after the
+    stage from the same generator, so the two draws are independent)."""
+    rng = np.random.default_rng([seed, step])
+    stage = int(stage_of(rng.integers(num_timesteps), boundaries))
+    ordered = sorted({float(w) for w in widths}, reverse=True)
+    if len(ordered) <= 2:
+        return stage, tuple(ordered)
+    middle = ordered[1:-1]
+    return stage, (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
+
+
+def choices_between(boundaries: Sequence[int], num_timesteps: int, widths: Sequence[float],
+                    seed: int, start: int, stop: int) -> list[tuple[int, tuple[float, ...]]]:
+    """The distinct choices steps [start, stop) train, in order of first use (the programs a run
     compiles), looking no further than the steps it takes to meet them all."""
-    seen: dict[int, None] = {}
+    possible = (len(boundaries) + 1) * len(every_sandwich(widths))
+    seen: dict[tuple[int, tuple[float, ...]], None] = {}
     for step in range(start, stop):
-        seen.setdefault(draw_stage(boundaries, num_timesteps, seed, step), None)
-        if len(seen) == len(boundaries) + 1:
+        seen.setdefault(draw_choice(boundaries, num_timesteps, widths, seed, step), None)
+        if len(seen) == possible:
             break
     return list(seen)
 
@@ -72,8 +89,10 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
                           training: ml_collections.ConfigDict, boundaries: Sequence[int], *,
                           state_sharding: Any = None,
                           batch_sharding: NamedSharding | None = None) -> Callable:
-    """Returns `step(state, batch, rng, stage) -> (state, metrics)`, jitted, state donated; as
-    `train_step.make_train_step`, with `stage` (static) in place of the sandwich's widths.
+    """Returns `step(state, batch, rng, choice) -> (state, metrics)`, jitted, state donated; as
+    `train_step.make_train_step`, with `choice` = (stage, decoder widths) static in place of the
+    sandwich's widths: the batch trains the stage's decoder at each width (each with its own t,
+    noise and dropout; one width, the papers' method, unless the decoders are slimmable).
 
     Gradients are clipped by their global norm over the encoder and the decoder together; each
     of the two (or the group's one model) then takes its own step of the usual optimizer (whose
@@ -88,21 +107,25 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
     microbatch_size = training.get("microbatch_size", 0)
 
     def step(state: TrainState, batch: jax.Array, rng: jax.Array,
-             stage: int) -> tuple[TrainState, dict[str, jax.Array]]:
+             choice: tuple[int, tuple[float, ...]]) -> tuple[TrainState, dict[str, jax.Array]]:
         chex.assert_rank(batch, 4)
+        stage, widths = choice
         key = jax.random.fold_in(rng, state.step)
         trainable = _stage_part(state.params, stage)
 
         def loss(part: dict, images: jax.Array, images_key: jax.Array) -> tuple[jax.Array, Any]:
             params = _with_stage(state.params, stage, part)
-            loss_key, dropout_key = jax.random.split(images_key)
-
-            def eps_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return network.apply(params, x_t, t, width=1.0, stage=stage,
-                                     dropout_rng=dropout_key)
-
-            value = epsilon_loss(eps_fn, diffusion, images, loss_key, t_range=ranges[stage])
-            return value, value[None]
+            keys = ([images_key] if len(widths) == 1
+                    else list(jax.random.split(images_key, len(widths))))
+            values = []
+            for width, width_key in zip(widths, keys):
+                loss_key, dropout_key = jax.random.split(width_key)
+                eps_fn = functools.partial(network.apply, params, width=width, stage=stage,
+                                           dropout_rng=dropout_key)
+                values.append(epsilon_loss(eps_fn, diffusion, images, loss_key,
+                                           t_range=ranges[stage]))
+            values = jnp.stack(values)
+            return values.sum(), values
 
         def gradients(images: jax.Array, images_key: jax.Array) -> Any:
             return jax.value_and_grad(loss, has_aux=True)(trainable, images, images_key)
@@ -125,4 +148,4 @@ def make_stage_train_step(network: Network, diffusion: Diffusion,
                    "grad_norm": optax.tree.norm(grads), "learning_rate": lr_schedule(state.step)}
         return new_state, metrics
 
-    return jit_train_step(step, "stage", training, state_sharding, batch_sharding)
+    return jit_train_step(step, "choice", training, state_sharding, batch_sharding)
