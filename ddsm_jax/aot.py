@@ -229,7 +229,7 @@ def compile_programs(config: Any, topology: str, cache_dir: PathLike | None = No
     for choice in curriculum.every_choice:
         compiled = compile_report(train_step, (state_in, images(train_batch), key, choice), cache)
         trains = ({"widths": list(choice)} if curriculum.unit == "sandwich"
-                  else {curriculum.unit: choice})
+                  else {"stage": choice[0], "widths": list(choice[1])})
         reports.append(report("train_step", compiled, **trains,
                               global_batch=train_batch, per_chip_batch=train_batch // num_chips))
 
