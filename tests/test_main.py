@@ -11,6 +11,11 @@ TINY = ["--config.training.num_steps=4", "--config.training.batch_size=16",
         "--config.sampling.num_samples=8", "--config.sampling.batch_size=8"]
 
 
+# Evaluation and export at the smallest sizes that still score: for the strategy pipelines.
+SMALL_EVAL = ["--config.eval.num_samples=24", "--config.eval.num_reference=200",
+              "--config.eval.kid_subsets=5", "--config.export.num_samples=8"]
+
+
 def run_main(*args):
     return subprocess.run([sys.executable, "-m", "ddsm_jax.main", "--config=configs/digits.py", *args],
                           capture_output=True, text=True)
@@ -57,9 +62,7 @@ def test_sampling_without_a_checkpoint_says_what_to_run(tmp_path):
 def test_the_multistage_strategy_runs_its_whole_pipeline(tmp_path, digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, "--config.strategy=multistage", "--config.eval.num_samples=24",
-             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
-             "--config.export.num_samples=8"]
+    small = [*TINY, *SMALL_EVAL, "--config.strategy=multistage"]
     done = run_main(f"--workdir={workdir}", "--mode=all", *small)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
@@ -83,11 +86,9 @@ def test_the_multistage_strategy_runs_its_whole_pipeline(tmp_path, digits_classi
 def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, "--config.strategy=step_adaptive", "--config.step_adaptive.num_groups=2",
-             "--config.step_adaptive.finetune_steps=4", "--config.step_adaptive.probe_images=16",
-             "--config.step_adaptive.macs_budget=0.6", "--config.eval.num_samples=24",
-             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
-             "--config.export.num_samples=8"]
+    small = [*TINY, *SMALL_EVAL, "--config.strategy=step_adaptive",
+             "--config.step_adaptive.num_groups=2", "--config.step_adaptive.finetune_steps=4",
+             "--config.step_adaptive.probe_images=16", "--config.step_adaptive.macs_budget=0.6"]
     done = run_main(f"--workdir={workdir}", "--mode=all", *small)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
@@ -120,12 +121,10 @@ def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_cla
 def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, "--config.strategy=multistage", "--config.multistage.decoder_widths=(1.0,0.5)",
-             "--config.search.population_size=4", "--config.search.generations=1",
-             "--config.search.num_samples=16", "--config.search.validation_samples=16",
-             "--config.search.macs_budget=0.9", "--config.eval.num_samples=16",
-             "--config.eval.num_reference=200", "--config.eval.kid_subsets=5",
-             "--config.export.num_samples=8"]
+    small = [*TINY, *SMALL_EVAL, "--config.strategy=multistage",
+             "--config.multistage.decoder_widths=(1.0,0.5)", "--config.search.population_size=4",
+             "--config.search.generations=1", "--config.search.num_samples=16",
+             "--config.search.validation_samples=16", "--config.search.macs_budget=0.9"]
     done = run_main(f"--workdir={workdir}", "--mode=all", *small)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -14,11 +14,16 @@ def sandwich_widths(widths: Sequence[float], seed: int, step: int) -> tuple[floa
     without communication, and the result is a static argument, so there is one compiled train
     step per middle width.
     """
+    return sandwich_of(widths, np.random.default_rng([seed, step]))
+
+
+def sandwich_of(widths: Sequence[float], rng: np.random.Generator) -> tuple[float, ...]:
+    """(largest, smallest, a middle width drawn from `rng`); all of them where there are at most
+    two (no draw then)."""
     ordered = sorted({float(w) for w in widths}, reverse=True)
     if len(ordered) <= 2:
         return tuple(ordered)
     middle = ordered[1:-1]
-    rng = np.random.default_rng([seed, step])
     return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
 
 

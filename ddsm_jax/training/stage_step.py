@@ -27,7 +27,7 @@ from ddsm_jax.diffusion.losses import epsilon_loss
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network
 from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
-from ddsm_jax.training.sandwich import every_sandwich
+from ddsm_jax.training.sandwich import every_sandwich, sandwich_of
 from ddsm_jax.training.train_step import (
     TrainState,
     accumulate_gradients,
@@ -50,11 +50,7 @@ def draw_choice(boundaries: Sequence[int], num_timesteps: int, widths: Sequence[
     stage from the same generator, so the two draws are independent)."""
     rng = np.random.default_rng([seed, step])
     stage = int(stage_of(rng.integers(num_timesteps), boundaries))
-    ordered = sorted({float(w) for w in widths}, reverse=True)
-    if len(ordered) <= 2:
-        return stage, tuple(ordered)
-    middle = ordered[1:-1]
-    return stage, (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
+    return stage, sandwich_of(widths, rng)
 
 
 def choices_between(boundaries: Sequence[int], num_timesteps: int, widths: Sequence[float],
