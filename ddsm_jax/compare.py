@@ -4,8 +4,9 @@ Reads each workdir's evaluation (`eval/metrics.json`, written by `--mode=evaluat
 refuses workdirs that were not scored on the same footing (data, sampler and step count, sample
 count, feature space, seed: the evaluation noise), and writes `compare.json` (every entry of
 every workdir), `compare.md` (a markdown table) and `compare.png` (FD against MACs ratio, one
-colour per workdir; full width with fewer steps, the baseline a saving must beat, as a dashed
-line). MACs ratios are all against the full-width U-Net at every step, whatever the strategy.
+colour per workdir; the baseline a saving must beat, fewer steps of full compute (the full U-Net
+where the workdir has one, else the strategy's own rule), as a dashed line). MACs ratios are all
+against the full-width U-Net at every step, whatever the strategy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from etils import epath
 
 from ddsm_jax.common_types import PathLike
 from ddsm_jax.layout import Workdir
+from ddsm_jax.models.network import native_entry
 from ddsm_jax.utils.files import as_path, read_json, write_json, write_text_atomically
 from ddsm_jax.utils.plots import save_figure
 
@@ -67,15 +69,13 @@ def check_footing(evaluations: list[dict[str, Any]]) -> None:
 
 def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scored entry of one evaluation as a flat row."""
-    # The multi-stage and step-adaptive networks' "full width" is their own rule: each step runs
-    # its stage's decoder (its group's pruned model).
-    native = {"multistage": "stages", "step_adaptive": "groups"}.get(evaluation["strategy"],
-                                                                     "full")
+    native = native_entry(evaluation["strategy"])
     rows = [(native, evaluation["full"])]
     rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
     if "schedule" in evaluation:
         rows.append(("schedule", evaluation["schedule"]))
-    rows += [(f"full, {k} steps", v) for k, v in evaluation.get("fewer_steps", {}).items()]
+    fewer_of = evaluation.get("fewer_steps_of", "full")  # the full U-Net, or the native rule
+    rows += [(f"{fewer_of}, {k} steps", v) for k, v in evaluation.get("fewer_steps", {}).items()]
     training = evaluation.get("training", {})
     return [{"workdir": evaluation["workdir"], "strategy": evaluation["strategy"], "entry": name,
              "fd": value["fd"], "macs_ratio": value["macs_ratio"],
@@ -103,13 +103,14 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     for colour, workdir in zip(plt.cm.tab10.colors, workdirs):
         mine = [r for r in rows if r["workdir"] == workdir]
         name = f"{epath.Path(workdir).name} ({mine[0]['strategy']})"
-        fewer = sorted((r for r in mine if r["entry"].startswith("full,")),
+        fewer = sorted((r for r in mine if r["entry"].endswith(" steps")),
                        key=lambda r: r["macs_ratio"])
-        full = [r for r in mine if r["entry"] == "full"]
-        if fewer:  # the baseline: full width, fewer steps, ending at full width itself
-            line = fewer + full
+        if fewer:  # the baseline: full compute with fewer steps, ending at all steps
+            of = fewer[0]["entry"].split(",")[0]
+            line = fewer + [r for r in mine if r["entry"] == of]
             ax.plot([r["macs_ratio"] for r in line], [r["fd"] for r in line], "--x",
-                    color=colour, alpha=0.7, label=f"{name}: full width, fewer steps")
+                    color=colour, alpha=0.7,
+                    label=f"{name}: {'full width' if of == 'full' else of}, fewer steps")
         uniform = sorted((r for r in mine if r["entry"].startswith("uniform")),
                          key=lambda r: r["macs_ratio"])
         if uniform:

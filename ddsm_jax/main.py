@@ -132,6 +132,7 @@ def run_stage(stage: str, config, layout, result, weights: dict) -> dict:
                 **{k: schedule.figures[k] for k in ("fd", "full_fd", "macs_ratio",
                                                     "network_evaluations",
                                                     "naive_network_evaluations")}}
+    from ddsm_jax.models.network import strategy_name
     from ddsm_jax.provenance import check_made_from
     from ddsm_jax.sampling import ScheduleSampler
     from ddsm_jax.width_schedule import find_schedule
@@ -145,8 +146,14 @@ def run_stage(stage: str, config, layout, result, weights: dict) -> dict:
     if stage == "evaluate":
         from ddsm_jax.eval.evaluate import evaluate
 
+        baseline = None
+        if strategy_name(config) == "step_adaptive":  # its base: the plain U-Net it pruned
+            from ddsm_jax.strategies.step_adaptive import load_base
+
+            base = load_base(config, layout.root)
+            baseline = (base.network, base.state.ema_params)
         metrics = evaluate(config, layout.root, result.network, result.diffusion, params,
-                           schedule=schedule, weights=weights)
+                           schedule=schedule, weights=weights, baseline=baseline)
         return {"metrics": str(layout.eval_metrics),
                 **{k: metrics[k] for k in ("full", "uniform", "schedule", "fewer_steps", "noise")
                    if k in metrics}}

@@ -57,7 +57,12 @@ def test_two_strategies_score_the_same_network_identically(evaluated):
     for key in ("fd", "kid", "macs_mean", "macs_ratio"):
         assert staged["full"][key] == ddsm["full"][key], key
     assert staged["training"]["macs"] < ddsm["training"]["macs"]  # one network, not a sandwich
-    assert staged["fewer_steps"] == {}  # the baseline belongs to the single U-Net
+    # The baseline runs each network's own full rule with fewer steps: here the same network.
+    assert staged["fewer_steps_of"] == "stages" and ddsm["fewer_steps_of"] == "full"
+    assert sorted(staged["fewer_steps"]) == sorted(ddsm["fewer_steps"]) == ["2", "3", "4"]
+    for steps, entry in ddsm["fewer_steps"].items():
+        for key in ("fd", "kid", "macs_ratio"):
+            assert staged["fewer_steps"][steps][key] == entry[key], (steps, key)
 
 
 def test_compare_writes_the_table_json_and_picture(evaluated, tmp_path):
@@ -67,7 +72,8 @@ def test_compare_writes_the_table_json_and_picture(evaluated, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert {r["strategy"] for r in rows} == {"ddsm", "multistage"}
-    assert [r["entry"] for r in rows if r["strategy"] == "multistage"] == ["stages"]
+    assert [r["entry"] for r in rows if r["strategy"] == "multistage"] == [
+        "stages", "stages, 2 steps", "stages, 3 steps", "stages, 4 steps"]
     assert any(r["entry"] == "full, 3 steps" for r in rows)
     table = (tmp_path / "compare.md").read_text()
     assert table.count("\n") == len(rows) + 2 and "| multistage | stages |" in table

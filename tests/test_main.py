@@ -103,10 +103,18 @@ def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_cla
     assert metrics["training"]["images"] == (4 + 4) * 16  # base model and fine-tuning
     log = (workdir / "metrics.jsonl").read_text()
     assert "loss_stage" in log and "loss_w" not in log
+    # Its fewer-steps baseline is the base model (the plain U-Net), up to every step.
+    steps = metrics["sampler"]["num_steps"]
+    assert metrics["fewer_steps_of"] == "full" and str(steps) in metrics["fewer_steps"]
+    for count, entry in metrics["fewer_steps"].items():
+        assert abs(entry["macs_ratio"] - int(count) / steps) < 1e-9
     # A later mode rebuilds the same groups from the plan; a plan from other base weights is
     # refused by name rather than fine-tuned further.
     evaluated = run_main(f"--workdir={workdir}", "--mode=evaluate", *small)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    rescored = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert [rescored["full"]["fd"], rescored["fewer_steps"][str(steps)]["fd"]] == [
+        metrics["full"]["fd"], metrics["fewer_steps"][str(steps)]["fd"]]
     other_budget = [a.replace("macs_budget=0.6", "macs_budget=0.5") for a in small]
     replanned = run_main(f"--workdir={workdir}", "--mode=train", *other_budget)
     assert replanned.returncode == 1

@@ -1,6 +1,11 @@
 """`--mode=evaluate`: quality, cost and time of full width, every uniform width, the schedule,
 and full width with fewer steps (the baseline a step-aware saving must beat).
 
+The baseline runs the evaluated network's own full-compute rule with fewer steps (DDSM: the
+full-width U-Net; multistage: every stage's decoder at full width), or, where the strategy
+starts from a plain U-Net (step_adaptive's base model), that U-Net at every step count up to
+the sampler's.
+
 Every entry samples from the same initial noise with the same per-step noise, so the
 differences between entries are differences of width, not of luck. MACs ratios are against the
 full-width U-Net at every step, for every strategy, so that they compare across strategies; the
@@ -25,7 +30,7 @@ from ddsm_jax.eval.features import compute_features
 from ddsm_jax.eval.metrics import kernel_inception_distance
 from ddsm_jax.layout import Stream, Workdir, stream_key
 from ddsm_jax.models.cost import SchedulePrices
-from ddsm_jax.models.network import Network, strategy_name
+from ddsm_jax.models.network import Network, native_entry, strategy_name
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
 from ddsm_jax.training.curriculum import FORWARD_AND_BACKWARD, training_macs
 from ddsm_jax.utils.files import write_json
@@ -38,9 +43,11 @@ GRID_IMAGES = 64
 
 def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
              diffusion: Diffusion, params: Params, *, schedule: WidthSchedule | None = None,
-             weights: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+             weights: dict[str, Any] | None = None, baseline: tuple[Network, Params] | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Samples `config.eval.num_samples` images per entry, scores them, writes the results
-    (with `weights`, the `weights_id` of `params`)."""
+    (with `weights`, the `weights_id` of `params`); `baseline`: the network and weights run with
+    fewer steps, where they are not the evaluated ones."""
     layout = Workdir(workdir)
     extractor, extractor_info = feature_extractor(config, workdir)
     reference = reference_statistics(config, extractor, workdir, progress=progress)
@@ -61,33 +68,40 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
             result.update(kid=kid, kid_std=kid_std)
         return result
 
-    entries = [("full", sampler, sampler.uniform(0))]
-    entries += [(f"uniform {w}", sampler, sampler.uniform(i))
+    entries = [("full", sampler, sampler.uniform(0), params)]
+    entries += [(f"uniform {w}", sampler, sampler.uniform(i), params)
                 for i, w in enumerate(network.widths) if i]
     if schedule is not None:
-        entries.append(("schedule", sampler, sampler.to_indices(schedule)))
-    if network.boundaries is None:  # the single U-Net: full width with fewer steps
-        ratios = [*BASELINE_RATIOS]
-        if schedule is not None:
-            ratios.append(prices(sampler.to_indices(schedule))["macs_ratio"])
-        for steps in fewer_step_counts(sampler.num_steps, ratios):
-            fewer = ScheduleSampler(network, diffusion, _with_steps(config.sampling, steps))
-            entries.append((f"fewer {steps}", fewer, fewer.uniform(0)))
+        entries.append(("schedule", sampler, sampler.to_indices(schedule), params))
     full_macs = prices.reference * sampler.num_steps  # every ratio: of full width, all steps
+    ratios = [*BASELINE_RATIOS]
+    if schedule is not None:
+        ratios.append(prices(sampler.to_indices(schedule))["macs_ratio"])
+    base_network, base_params = baseline or (network, params)
+    base_prices = SchedulePrices.of(base_network, base_params, sampler.timesteps, config)
+    per_step = base_prices(sampler.uniform(0))["macs_ratio"]  # its full rule's, at all steps
+    fractions = [r / per_step for r in ratios] + ([1.0] if baseline is not None else [])
+    for steps in fewer_step_counts(sampler.num_steps, fractions, include_all=baseline is not None):
+        fewer = ScheduleSampler(base_network, diffusion, _with_steps(config.sampling, steps))
+        entries.append((f"fewer {steps}", fewer, fewer.uniform(0), base_params))
+    baseline_label = "full" if baseline is not None else native_entry(strategy_name(config))
     results, grids, titles = {}, [], []
-    for name, entry_sampler, indices in tqdm(entries, desc="evaluate", disable=not progress):
-        images = sample_in_batches(entry_sampler, params, indices, noise, sample_key, batch)
+    for name, entry_sampler, indices, entry_params in tqdm(entries, desc="evaluate",
+                                                           disable=not progress):
+        images = sample_in_batches(entry_sampler, entry_params, indices, noise, sample_key, batch)
         start = time.perf_counter()
-        jax.block_until_ready(entry_sampler(params, indices, timing_noise, sample_key))
+        jax.block_until_ready(entry_sampler(entry_params, indices, timing_noise, sample_key))
         seconds = time.perf_counter() - start
         entry_prices = (prices if entry_sampler is sampler else
-                        SchedulePrices.of(network, params, entry_sampler.timesteps, config))
+                        SchedulePrices.of(entry_sampler.network, entry_params,
+                                          entry_sampler.timesteps, config))
         cost = entry_prices(indices)
         results[name] = {**score(images), "macs_mean": cost["macs_mean"],
                          "macs_ratio": cost["macs_total"] / full_macs, "seconds": seconds}
         save_grid(images[:GRID_IMAGES], layout.eval / f"{name.replace(' ', '_')}.png")
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
-        label = f"full, {name.split()[1]} steps" if name.startswith("fewer") else name
+        label = (f"{baseline_label}, {name.split()[1]} steps" if name.startswith("fewer")
+                 else name)
         titles.append(f"{label}: FD {results[name]['fd']:.3g}, "
                       f"{results[name]['macs_ratio']:.2f}x MACs")
     save_side_by_side(grids, titles, layout.eval / "samples.png", caption=(
@@ -102,6 +116,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         **({"schedule": results["schedule"]} if schedule is not None else {}),
         "fewer_steps": {name.split()[1]: value for name, value in results.items()
                         if name.startswith("fewer")},
+        "fewer_steps_of": baseline_label,
         "strategy": strategy_name(config),
         "training": _training_cost(config, network, params, prices.reference),
         "noise": score(noise_images),
@@ -122,10 +137,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
 BASELINE_RATIOS = (0.25, 0.5, 0.75)
 
 
-def fewer_step_counts(num_steps: int, ratios: list[float]) -> list[int]:
-    """The distinct step counts below `num_steps` nearest to each MACs ratio, ascending."""
-    counts = {max(1, round(num_steps * r)) for r in ratios}
-    return sorted(c for c in counts if c < num_steps)
+def fewer_step_counts(num_steps: int, step_fractions: list[float], *,
+                      include_all: bool = False) -> list[int]:
+    """The distinct step counts nearest to each fraction of `num_steps`, ascending: below it,
+    or up to it with `include_all`."""
+    counts = {max(1, round(num_steps * f)) for f in step_fractions}
+    return sorted(c for c in counts if c < num_steps or (include_all and c == num_steps))
 
 
 def _with_steps(sampling: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:

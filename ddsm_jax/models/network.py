@@ -88,6 +88,12 @@ def strategy_name(config: ml_collections.ConfigDict) -> str:
 STRATEGIES = ("ddsm", "multistage", "step_adaptive")
 
 
+def native_entry(strategy: str) -> str:
+    """What an evaluation's "full" entry is: the single U-Net at full width; for the multi-stage
+    network each step's stage decoder, for the step-adaptive one each step's group model."""
+    return {"multistage": "stages", "step_adaptive": "groups"}.get(strategy, "full")
+
+
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """The network of `config.strategy`."""
     builder = {"multistage": build_multi_decoder_unet,

@@ -236,6 +236,13 @@ def load_or_plan(config: ml_collections.ConfigDict, workdir: PathLike, network: 
     return plan, lambda: group_params(pruned)
 
 
+def load_base(config: ml_collections.ConfigDict, workdir: PathLike) -> Any:
+    """The trained base model of `workdir` (a `TrainResult`)."""
+    from ddsm_jax.training.train import load_trained
+
+    return load_trained(base_config(config), Workdir(workdir).base)
+
+
 def train_groups(config: ml_collections.ConfigDict, workdir: PathLike,
                  dataset: ImageDataset) -> tuple[Any, ml_collections.ConfigDict]:
     """The whole training (base model, plan, fine-tuning; each resumes where it stopped); its
