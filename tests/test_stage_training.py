@@ -95,6 +95,14 @@ def test_a_checkpoint_knows_its_strategy():
     other = multistage_config(ratios=(1.0, 1.0, 0.25))
     [difference] = identity_differences(network_identity(staged), network_identity(other))
     assert difference.startswith("multistage.decoder_ratios: (1.5, 1.0, 0.25) in the checkpoint")
+    # A checkpoint written before a setting existed matches the setting left empty, only.
+    older = network_identity(staged)
+    del older["multistage"]["decoder_widths"]
+    assert identity_differences(older, network_identity(staged)) == []
+    slimmable = multistage_config()
+    slimmable.multistage.decoder_widths = (1.0, 0.5)
+    [difference] = identity_differences(older, network_identity(slimmable))
+    assert difference.startswith("multistage.decoder_widths: None in the checkpoint")
 
 
 def test_slimmable_decoders_train_at_a_sandwich_of_widths_and_the_search_sees_them():

@@ -26,6 +26,8 @@ from ddsm_jax.utils.files import as_path, is_remote
 
 # Model settings that change how the network is computed, not what it computes.
 COMPUTE_ONLY = ("dtype", "remat", "weight_grad_chunk")
+# Empty values of settings added after a checkpoint was written: what it was trained with.
+NEUTRAL = (None, (), [], "")
 
 
 _NO_SPACE = "No space left on device"
@@ -51,10 +53,13 @@ def network_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def identity_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """One phrase per setting that differs (a JSON list and a config tuple compare equal)."""
+    """One phrase per setting that differs (a JSON list and a config tuple compare equal; a
+    setting newer than the checkpoint matches where it is left empty, its neutral default)."""
     differences = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
+        if key not in saved and b in NEUTRAL:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             differences += identity_differences(a, b, f"{prefix}{key}.")
         elif (list(a) if isinstance(a, (list, tuple)) else a) != \
