@@ -97,8 +97,8 @@ def check_inputs(config, mode: str):
 
     check_widths(config.model.widths)
     strategy = strategy_name(config)
-    searchable = strategy == "ddsm" or (strategy == "multistage"
-                                        and len(config.multistage.decoder_widths) > 1)
+    searchable = strategy in ("ddsm", "adadiff") or (
+        strategy == "multistage" and len(config.multistage.decoder_widths) > 1)
     if mode == "search" and not searchable:
         raise ValueError(f"the {strategy} strategy has no schedule to search: each step runs the "
                          f"model of its timestep's stage; run --mode=evaluate or --mode=all"

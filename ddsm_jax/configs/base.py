@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The step-aware method (docs/strategies.md): 'ddsm', one slimmable U-Net with a searched
     # width per sampling step; 'multistage' (Zhang, Lu et al., arXiv 2312.09181), a shared
     # encoder with one decoder per timestep stage, each of its own size; 'step_adaptive' (Li et
-    # al., arXiv 2312.13307), one model per timestep group pruned from a base model.
+    # al., arXiv 2312.13307), one model per timestep group pruned from a base model; 'adadiff'
+    # (Tang et al., arXiv 2309.17074), early exits in the decoder.
     config.strategy = "ddsm"
     config.multistage = ml_collections.ConfigDict()
     # Decoder base channels as fractions of model.ch, one per stage, low noise to high. The
@@ -67,6 +68,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Set by the base phase (written to WORKDIR/step_groups.json); give both to fix them.
     config.step_adaptive.boundaries = ()
     config.step_adaptive.group_widths = ()
+
+    # AdaDiff (Tang et al., arXiv 2309.17074): exits after decoder residual blocks
+    # (ddsm_jax/models/early_exit_unet.py), trained jointly with the network by the paper's
+    # uncertainty-aware layer-wise loss, L_simple + uncertainty_weight * sum_i (u_i - tanh|e_i|)^2
+    # + layer_weight * sum_i sg(1 - u_i) |e_i|^2 + plain_layer_weight * sum_i |e_i|^2 (e_i: exit
+    # i's error; the last, unweighted term is the public reproduction's guard against exits
+    # that learn nothing). A branch is an exit depth: the fraction of the decoder's residual
+    # blocks run, searched per step as DDSM's widths are; the paper's own sampling exits each
+    # sample at the first exit whose uncertainty is under a threshold (`thresholds`, evaluated
+    # as a front).
+    config.adadiff = ml_collections.ConfigDict()
+    config.adadiff.exit_depths = (1.0, 0.75, 0.5, 0.25)
+    config.adadiff.uncertainty_weight = 1.0
+    config.adadiff.layer_weight = 1.0
+    config.adadiff.plain_layer_weight = 1.0
+    config.adadiff.thresholds = (0.05, 0.1, 0.2, 0.3)
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000

@@ -17,13 +17,17 @@ from ddsm_jax.models import macs
 from ddsm_jax.models.network import Network, abstract_network
 
 
-def width_macs(network: Network, params: Params, width: float, **branch) -> macs.MacCounter:
+def width_macs(network: Network, params: Params, width: float | None = None,
+               **branch) -> macs.MacCounter:
     """MACs of one image through the width-`width` sub-network (shapes only, nothing runs);
-    `branch`: the network's other static choices (the multi-decoder U-Net's `stage`)."""
+    `branch`: the network's other static choices (the multi-decoder U-Net's `stage`, an early
+    exit's `depth`)."""
     x = jax.ShapeDtypeStruct((1, *network.image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if width is not None:
+        branch["width"] = width
     with macs.count_macs() as counter:
-        jax.eval_shape(lambda p, x, t: network.apply(p, x, t, width=width, **branch), params, x, t)
+        jax.eval_shape(lambda p, x, t: network.apply(p, x, t, **branch), params, x, t)
     return counter
 
 
@@ -38,7 +42,7 @@ def macs_table(network: Network, params: Params,
             table[f"stage {stage}"] = {"conv_linear": counter.conv_linear, "total": counter.total}
         return table
     for width in widths if widths is not None else network.widths:
-        counter = width_macs(network, params, width)
+        counter = width_macs(network, params, **{network.branch_arg: width})
         table[width] = {"conv_linear": counter.conv_linear, "total": counter.total}
     return table
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ddsm_jax.common_types import Params
+from ddsm_jax.models.early_exit_unet import build_early_exit_unet
 from ddsm_jax.models.grouped_unet import build_grouped_unet
 from ddsm_jax.models.multi_decoder import build_multi_decoder_unet
 from ddsm_jax.models.unet import build_unet
@@ -38,11 +39,12 @@ class Network:
     widths: tuple[float, ...]
     image_shape: tuple[int, int, int]
     boundaries: tuple[int, ...] | None = None
+    branch_arg: str = "width"  # what `widths` are: AdaDiff's are exit depths
 
-    def apply(self, params: Params, x: jax.Array, t: jax.Array, *, width: float,
+    def apply(self, params: Params, x: jax.Array, t: jax.Array, *,
               dropout_rng: jax.Array | None = None, **branch: Any) -> jax.Array:
-        return nnx.merge(self.graphdef, params)(x, t, width=width, dropout_rng=dropout_rng,
-                                                 **branch)
+        """Epsilon from the branch `branch` names (its width, stage or depth)."""
+        return nnx.merge(self.graphdef, params)(x, t, dropout_rng=dropout_rng, **branch)
 
     @property
     def num_stages(self) -> int:
@@ -56,7 +58,7 @@ class Network:
 
     def branch(self, stage: int, width_index: int) -> tuple[tuple[str, Any], ...]:
         """The static keyword arguments of `apply` for one branch, hashable."""
-        width = ("width", self.widths[width_index])
+        width = (self.branch_arg, self.widths[width_index])
         return (width,) if self.boundaries is None else (width, ("stage", int(stage)))
 
     def branch_fns(self, params: Params) -> list[Callable[[jax.Array, jax.Array], jax.Array]]:
@@ -85,7 +87,7 @@ def strategy_name(config: ml_collections.ConfigDict) -> str:
     return name
 
 
-STRATEGIES = ("ddsm", "multistage", "step_adaptive")
+STRATEGIES = ("ddsm", "multistage", "step_adaptive", "adadiff")
 
 
 def native_entry(strategy: str) -> str:
@@ -96,8 +98,8 @@ def native_entry(strategy: str) -> str:
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """The network of `config.strategy`."""
-    builder = {"multistage": build_multi_decoder_unet,
-               "step_adaptive": build_grouped_unet}.get(strategy_name(config), build_unet)
+    builder = {"multistage": build_multi_decoder_unet, "step_adaptive": build_grouped_unet,
+               "adadiff": build_early_exit_unet}.get(strategy_name(config), build_unet)
     return builder(config, rngs)
 
 
@@ -107,6 +109,10 @@ def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
     strategy = strategy_name(config)
     if strategy == "ddsm":
         return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
+    if strategy == "adadiff":
+        depths = config.adadiff.exit_depths
+        check_widths(depths, "config.adadiff.exit_depths")
+        return Network(graphdef, tuple(float(d) for d in depths), image_shape, branch_arg="depth")
     section = config[strategy]
     boundaries = tuple(int(b) for b in section.boundaries)
     stage_ranges(boundaries, config.diffusion.num_timesteps)  # checks them

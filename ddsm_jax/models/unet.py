@@ -255,12 +255,13 @@ class SlimmableUNet(nnx.Module):
         return out
 
 
-def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlimmableUNet:
-    """The network of a full config (model + data sections)."""
+def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               module: type[SlimmableUNet] = SlimmableUNet) -> SlimmableUNet:
+    """The network of a full config (model + data sections); `module`: the U-Net's class."""
     model = config.model
     for width in model.widths:
         slim_channels(model.ch, width, CONV_DIVISOR)  # validates the width
-    return SlimmableUNet(
+    return module(
         image_size=config.data.image_size, image_channels=config.data.channels, ch=model.ch,
         ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
         attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,

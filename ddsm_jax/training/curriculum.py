@@ -55,6 +55,13 @@ class Curriculum:
                                        for w in choice[1]],
                        [(stage, trained) for stage in range(network.num_stages)
                         for trained in every_sandwich(widths)], "stage")
+        if strategy_name(config) == "adadiff":  # every exit trains at every step
+            from ddsm_jax.strategies.adadiff import loss_of
+
+            return cls(functools.partial(make_train_step, loss=loss_of(config)),
+                       lambda step: widths, lambda start, stop: [widths],
+                       lambda chosen: [f"loss_d{d}" for d in chosen],
+                       lambda chosen: [(("all_exits", True),)], [widths], "exit set")
         return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
                    lambda start, stop: sandwiches_between(widths, seed, start, stop),
                    lambda chosen: [f"loss_w{w}" for w in chosen],

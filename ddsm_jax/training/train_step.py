@@ -143,9 +143,12 @@ def accumulate_gradients(gradients: Callable, batch: jax.Array, key: jax.Array,
 
 
 def make_train_step(network: Network, diffusion: Diffusion, training: ml_collections.ConfigDict,
-                    *, state_sharding: Any = None, batch_sharding: NamedSharding | None = None
-                    ) -> Callable:
+                    *, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
+                    loss: Callable = sandwich_loss) -> Callable:
     """Returns `step(state, batch, rng, widths) -> (state, metrics)`, jitted, state donated.
+
+    `loss(network, diffusion, params, images, key, widths) -> (total, per-width losses)`: the
+    sandwich's, or a strategy's own (AdaDiff's trains every exit at once).
 
     `widths` is static; the key of a step is `fold_in(rng, state.step)`, so a resumed run draws
     exactly the randomness an uninterrupted one would. With `training.microbatch_size`, the
@@ -165,14 +168,14 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
 
         def gradients(images: jax.Array, images_key: jax.Array) -> Any:
             return jax.value_and_grad(
-                lambda p: sandwich_loss(network, diffusion, p, images, images_key, widths),
+                lambda p: loss(network, diffusion, p, images, images_key, widths),
                 has_aux=True)(state.params)
 
-        (loss, per_width), grads = accumulate_gradients(gradients, batch, key, microbatch_size)
+        (total, per_width), grads = accumulate_gradients(gradients, batch, key, microbatch_size)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = ema_update(state.ema_params, params, decay)
-        metrics = {"loss": loss, "loss_per_width": per_width, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": total, "loss_per_width": per_width, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": lr_schedule(state.step)}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                                opt_state=opt_state)
