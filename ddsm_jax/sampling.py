@@ -99,15 +99,17 @@ def stream_draws(key: jax.Array, num_samples: int,
 def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequence[int],
                       noise: jax.Array, key: jax.Array, batch_size: int, *,
                       progress: bool = False) -> np.ndarray:
-    """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation).
-    The progress bar starts after the first batch, so that its rate leaves compilation out."""
+    """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation);
+    where the sampler also returns per-image values (AdaDiff's exits), those too. The progress
+    bar starts after the first batch, so that its rate leaves compilation out."""
 
     def batch(start: int) -> np.ndarray:
         chunk = noise[start:start + batch_size]
         count = chunk.shape[0]
         if count < batch_size:  # pad the last batch rather than compile a new shape
             chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - count, *chunk.shape[1:]))])
-        return np.asarray(sampler(params, schedule, chunk, jax.random.fold_in(key, start)))[:count]
+        out = sampler(params, schedule, chunk, jax.random.fold_in(key, start))
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], out)
 
     starts = range(0, noise.shape[0], batch_size)
     outputs = [batch(starts[0])]
@@ -116,4 +118,4 @@ def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequen
         for start in starts[1:]:
             outputs.append(batch(start))
             bar.update(1)
-    return np.concatenate(outputs)
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)

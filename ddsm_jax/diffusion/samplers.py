@@ -12,6 +12,7 @@ from two schedules with the same key differ only through the denoisers, not thro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import chex
 import jax
@@ -120,18 +121,29 @@ def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta
 
 def _scan_sample(eps_fns: tuple[EpsFn, ...], update: StepUpdate, timesteps: np.ndarray,
                  widths: jax.Array, x_T: jax.Array, key: jax.Array) -> jax.Array:
+    def eps_of(x, t_batch, width_index):
+        return _step_eps(eps_fns, width_index, x, t_batch), None
+
+    return scan_steps(eps_of, update, timesteps, widths, x_T, key)[0]
+
+
+def scan_steps(eps_of: Callable, update: StepUpdate, timesteps: np.ndarray, per_step: Any,
+               x_T: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+    """The sampling loop: `eps_of(x, t_batch, per_step[step]) -> (eps, aux)` at every step;
+    returns the clipped images and the stacked `aux` (what a denoiser with data-dependent
+    compute, AdaDiff's exits, reports of each step)."""
     x_T = x_T.astype(jnp.float32)
     t_of = jnp.asarray(timesteps, dtype=jnp.int32)
 
     def body(x, inputs):
-        width_index, step = inputs
+        value, step = inputs
         t_batch = jnp.full((x.shape[0],), t_of[step], dtype=jnp.int32)
-        eps = _step_eps(eps_fns, width_index, x, t_batch)
-        return update(x, eps, step, key), None
+        eps, aux = eps_of(x, t_batch, value)
+        return update(x, eps.astype(x.dtype), step, key), aux
 
     steps = jnp.arange(len(timesteps), dtype=jnp.int32)
-    x0, _ = jax.lax.scan(body, x_T, (widths, steps))
-    return jnp.clip(x0, -1.0, 1.0)
+    x0, aux = jax.lax.scan(body, x_T, (per_step, steps))
+    return jnp.clip(x0, -1.0, 1.0), aux
 
 
 def ddpm_sample(eps_fns: Sequence[EpsFn], diffusion: Diffusion, width_schedule: jax.Array,

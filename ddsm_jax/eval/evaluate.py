@@ -84,20 +84,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
     for steps in fewer_step_counts(sampler.num_steps, fractions, include_all=baseline is not None):
         fewer = ScheduleSampler(base_network, diffusion, _with_steps(config.sampling, steps))
         entries.append((f"fewer {steps}", fewer, fewer.uniform(0), base_params))
+    if strategy_name(config) == "adadiff":  # its own rule: exits where the network is certain
+        from ddsm_jax.strategies.adadiff import ExitSampler
+
+        exit_sampler = ExitSampler(network, diffusion, config.sampling)
+        batch_exits = ExitSampler(network, diffusion, config.sampling, per_batch=True)
+        block_macs = exit_sampler.block_macs(params)
+        entries += [(f"threshold {tau:g}", exit_sampler, float(tau), params)
+                    for tau in config.adadiff.thresholds]
     baseline_label = "full" if baseline is not None else native_entry(strategy_name(config))
     results, grids, titles = {}, [], []
     for name, entry_sampler, indices, entry_params in tqdm(entries, desc="evaluate",
                                                            disable=not progress):
         images = sample_in_batches(entry_sampler, entry_params, indices, noise, sample_key, batch)
+        exits = name.startswith("threshold")
+        timed = batch_exits if exits else entry_sampler  # AdaDiff's time: exits per batch
+        if exits:  # compiled outside the timing (the others compiled as they sampled)
+            jax.block_until_ready(timed(entry_params, indices, timing_noise, sample_key))
         start = time.perf_counter()
-        jax.block_until_ready(entry_sampler(entry_params, indices, timing_noise, sample_key))
+        timing = jax.block_until_ready(timed(entry_params, indices, timing_noise, sample_key))
         seconds = time.perf_counter() - start
-        entry_prices = (prices if entry_sampler is sampler else
-                        SchedulePrices.of(entry_sampler.network, entry_params,
-                                          entry_sampler.timesteps, config))
-        cost = entry_prices(indices)
+        if exits:  # per-sample exits: (images, decoder blocks run - 1)
+            images, taken = images
+            per_image = block_macs[taken].sum(axis=1)
+            cost = {"macs_mean": float(per_image.mean() / sampler.num_steps),
+                    "macs_total": float(per_image.mean()),
+                    "exit_depth_mean": float((taken + 1).mean() / len(block_macs)),
+                    "timed_macs_ratio": float(block_macs[np.asarray(timing[1])].sum(axis=1).mean()
+                                              / full_macs)}
+        else:
+            entry_prices = (prices if entry_sampler is sampler else
+                            SchedulePrices.of(entry_sampler.network, entry_params,
+                                              entry_sampler.timesteps, config))
+            cost = entry_prices(indices)
         results[name] = {**score(images), "macs_mean": cost["macs_mean"],
-                         "macs_ratio": cost["macs_total"] / full_macs, "seconds": seconds}
+                         "macs_ratio": cost["macs_total"] / full_macs, "seconds": seconds,
+                         **{k: cost[k] for k in ("exit_depth_mean", "timed_macs_ratio")
+                            if k in cost}}
         save_grid(images[:GRID_IMAGES], layout.eval / f"{name.replace(' ', '_')}.png")
         grids.append(make_grid(images[:GRID_IMAGES], padding=1, scale=_scale(network)))
         label = (f"{baseline_label}, {name.split()[1]} steps" if name.startswith("fewer")
@@ -117,6 +140,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         "fewer_steps": {name.split()[1]: value for name, value in results.items()
                         if name.startswith("fewer")},
         "fewer_steps_of": baseline_label,
+        **({"thresholds": {name.split()[1]: value for name, value in results.items()
+                           if name.startswith("threshold")}}
+           if strategy_name(config) == "adadiff" else {}),
         "strategy": strategy_name(config),
         "training": _training_cost(config, network, params, prices.reference),
         "noise": score(noise_images),

@@ -23,8 +23,7 @@ from flax import nnx
 
 from ddsm_jax.models import macs
 from ddsm_jax.models.slimmable import SlimConv, SlimGroupNorm, SlimLinear, silu
-from ddsm_jax.models.unet import (ResBlock, SlimmableUNet, build_unet, dropout_keys, encode,
-                                  res_block_call)
+from ddsm_jax.models.unet import ResBlock, SlimmableUNet, build_unet, dropout_keys, encode, res_block_call
 
 Array = jax.Array
 FULL = 1.0  # every layer at full width: the exits are depths of the full network
@@ -50,14 +49,20 @@ class ExitHead(nnx.Module):
         self.uncertainty = SlimLinear(channels + temb_channels, 1, divisor=1, rngs=rngs)
 
     def __call__(self, h: Array, first: Array, temb: Array) -> tuple[Array, Array]:
+        return self.eps(h, first), self.estimate(h, temb)
+
+    def estimate(self, h: Array, temb: Array) -> Array:
+        """The uncertainty of each image's exit here, in (0, 1)."""
         pooled = h.astype(jnp.float32).mean(axis=(1, 2))
         macs.record_elementwise("elementwise", h.size, 1)
         features = jnp.concatenate([pooled, silu(temb).astype(jnp.float32)], axis=-1)
-        uncertainty = jax.nn.sigmoid(self.uncertainty(features, FULL)[:, 0])
+        return jax.nn.sigmoid(self.uncertainty(features, FULL)[:, 0])
+
+    def eps(self, h: Array, first: Array) -> Array:
         scale = first.shape[1] // h.shape[1]
         up = jnp.repeat(jnp.repeat(h, scale, axis=1), scale, axis=2)
         eps = self.conv(silu(self.norm(jnp.concatenate([up, first], axis=-1))), FULL)
-        return eps.astype(jnp.float32), uncertainty
+        return eps.astype(jnp.float32)
 
 
 class EarlyExitUNet(SlimmableUNet):
@@ -78,7 +83,11 @@ class EarlyExitUNet(SlimmableUNet):
         return len(self.exits) + 1
 
     def __call__(self, x: Array, t: Array, *, depth: float = 1.0, all_exits: bool = False,
+                 threshold: Array | None = None,
                  dropout_rng: Array | None = None) -> Array | tuple[Array, Array]:
+        """With `threshold` (sampling, traced): the batch leaves at the first exit where every
+        image's uncertainty is at most it, through a chain of `lax.cond`s, so only the layers
+        run take time; returns (epsilon, the exit's decoder blocks - 1)."""
         chex.assert_shape(x, (None, self.image_size, self.image_size, self.image_channels))
         chex.assert_shape(t, (x.shape[0],))
         stop = self.num_blocks if all_exits else exit_blocks(depth, self.num_blocks)
@@ -86,6 +95,8 @@ class EarlyExitUNet(SlimmableUNet):
         res_block = res_block_call(self.remat)
         h, temb, skips = encode(self, x, t, FULL, rngs, res_block, self.ch, self.dtype)
         first, skips = skips[0], list(skips)
+        if threshold is not None:
+            return self._exit_when_certain(h, temb, skips, first, threshold, res_block)
         outputs, uncertainties, done = [], [], 0
         for layer in self.up:
             if not isinstance(layer, ResBlock):
@@ -105,6 +116,29 @@ class EarlyExitUNet(SlimmableUNet):
         if all_exits:
             return jnp.stack([*outputs, out]), jnp.stack(uncertainties)
         return out
+
+
+    def _exit_when_certain(self, h: Array, temb: Array, skips: list[Array], first: Array,
+                           threshold: Array, res_block) -> tuple[Array, Array]:
+        def run_from(index: int, h: Array, skips: list[Array], done: int):
+            for position in range(index, len(self.up)):
+                layer = self.up[position]
+                if not isinstance(layer, ResBlock):
+                    h = layer(h, FULL)
+                    continue
+                h = res_block(layer, jnp.concatenate([h, skips.pop()], axis=-1), temb, FULL, None)
+                done += 1
+                if done < self.num_blocks:
+                    head, rest = self.exits[done - 1], list(skips)
+                    return jax.lax.cond(
+                        head.estimate(h, temb).max() <= threshold,
+                        lambda h=h, head=head, done=done: (head.eps(h, first), jnp.int32(done - 1)),
+                        lambda h=h, rest=rest, position=position, done=done:
+                            run_from(position + 1, h, rest, done))
+            out = self.tail_conv(silu(self.tail_norm(h)), FULL).astype(jnp.float32)
+            return out, jnp.int32(self.num_blocks - 1)
+
+        return run_from(0, h, skips, 0)
 
 
 def build_early_exit_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> EarlyExitUNet:

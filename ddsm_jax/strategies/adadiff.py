@@ -15,8 +15,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ddsm_jax.common_types import Params
+from ddsm_jax.diffusion import samplers
 from ddsm_jax.diffusion.schedules import Diffusion, q_sample
 from ddsm_jax.models.early_exit_unet import exit_blocks
 from ddsm_jax.models.network import Network
@@ -56,3 +58,63 @@ def loss_of(config: ml_collections.ConfigDict) -> Callable:
                                plain_layer_weight=section.plain_layer_weight)
 
     return loss
+
+
+class ExitSampler:
+    """AdaDiff's own sampling: at every step each sample leaves the network at the first exit
+    whose estimated uncertainty is at most `threshold` (else it runs the whole network).
+
+    Every exit is computed and each sample's is picked (`take_along_axis`): the images are
+    exactly those of real per-sample exits, and the MACs are counted from the exits taken, but
+    this program takes no less time than the full network. `per_batch`: the batch leaves where
+    all its images are certain, through `lax.cond`s (never vmapped, which would run every
+    branch), so that time falls with depth: what `evaluate` times. Same loop, step update and
+    noise as `ScheduleSampler`.
+    """
+
+    def __init__(self, network: Network, diffusion: Diffusion,
+                 sampling: ml_collections.ConfigDict, *, per_batch: bool = False):
+        self.network = network
+        self.per_batch = per_batch
+        self.method = sampling.method
+        self.timesteps = samplers.sampling_timesteps(
+            sampling.method, diffusion.num_timesteps, sampling.num_steps, sampling.spacing)
+        self._update = samplers.step_update(
+            diffusion, method=sampling.method, timesteps=self.timesteps, eta=sampling.eta,
+            variance=sampling.variance, clip_denoised=sampling.clip_denoised)
+        self._jitted = jax.jit(self._sample)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def _sample(self, params: Params, threshold: jax.Array, x_T: jax.Array,
+                key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def eps_of(x, t_batch, _):
+            if self.per_batch:
+                eps, taken = self.network.apply(params, x, t_batch, threshold=threshold)
+                return eps, jnp.full(x.shape[0], taken)
+            eps, uncertainty = self.network.apply(params, x, t_batch, all_exits=True)
+            certain = uncertainty <= threshold
+            taken = jnp.where(certain.any(axis=0), jnp.argmax(certain, axis=0),
+                              uncertainty.shape[0])
+            return jnp.take_along_axis(eps, taken[None, :, None, None, None], axis=0)[0], taken
+
+        steps = jnp.zeros(self.num_steps, jnp.int32)
+        images, taken = samplers.scan_steps(eps_of, self._update, self.timesteps, steps, x_T, key)
+        return images, taken.T  # (B, steps): decoder blocks run - 1
+
+    def __call__(self, params: Params, threshold: float, x_T: jax.Array,
+                 key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(images, the exit each sample took at each step, as decoder blocks run - 1)."""
+        return self._jitted(params, jnp.float32(threshold), x_T, key)
+
+    def block_macs(self, params: Params) -> np.ndarray:
+        """MACs of one image leaving after each number of decoder blocks (1..all), from the
+        tracer; the earlier exits' uncertainty estimators (a pooled linear each, under 0.1% of
+        a block) are not added."""
+        from ddsm_jax.models.cost import width_macs
+
+        blocks = len(params["exits"]) + 1
+        return np.array([width_macs(self.network, params, depth=k / blocks).total
+                         for k in range(1, blocks + 1)], np.float64)
