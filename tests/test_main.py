@@ -143,3 +143,29 @@ def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, d
     assert set(metrics["uniform"]) == {"0.5"} and metrics["schedule"]["macs_ratio"] <= 0.9
     assert metrics["uniform"]["0.5"]["macs_ratio"] < metrics["full"]["macs_ratio"]
     assert "loss_stage2_w0.5" in (workdir / "metrics.jsonl").read_text()
+
+
+def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_path,
+                                                                           digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    small = [*TINY, *SMALL_EVAL, "--config.strategy=adadiff",
+             "--config.adadiff.exit_depths=(1.0,0.5)", "--config.adadiff.thresholds=(0.0,1.0)",
+             "--config.search.population_size=4", "--config.search.generations=1",
+             "--config.search.num_samples=16", "--config.search.validation_samples=16",
+             "--config.search.macs_budget=0.9"]
+    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
+    schedule = json.loads((workdir / "search" / "schedule.json").read_text())
+    assert schedule["widths"] == [1.0, 0.5]  # exit depths, searched per step as widths are
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    never, always = metrics["thresholds"]["0"], metrics["thresholds"]["1"]
+    # Uncertainty is never 0: the whole network at every step. It is always at most 1: every
+    # sample leaves at the first exit, a quarter of the decoder, cheaper than half of it.
+    assert never["macs_ratio"] == 1.0 and never["exit_depth_mean"] == 1.0
+    assert abs(never["fd"] - metrics["full"]["fd"]) < 1e-3 * metrics["full"]["fd"]
+    assert always["exit_depth_mean"] == 0.25 and always["timed_macs_ratio"] == always["macs_ratio"]
+    assert always["macs_ratio"] < metrics["uniform"]["0.5"]["macs_ratio"] < 1.0
+    assert "loss_d0.5" in (workdir / "metrics.jsonl").read_text()
