@@ -74,6 +74,7 @@ def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
     if "schedule" in evaluation:
         rows.append(("schedule", evaluation["schedule"]))
+    rows += [(f"threshold {k}", v) for k, v in evaluation.get("thresholds", {}).items()]
     fewer_of = evaluation.get("fewer_steps_of", "full")  # the full U-Net, or the native rule
     rows += [(f"{fewer_of}, {k} steps", v) for k, v in evaluation.get("fewer_steps", {}).items()]
     training = evaluation.get("training", {})
@@ -116,6 +117,11 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
         if uniform:
             ax.plot([r["macs_ratio"] for r in uniform], [r["fd"] for r in uniform], ":o",
                     color=colour, alpha=0.7, markersize=4, label=f"{name}: uniform widths")
+        exits = sorted((r for r in mine if r["entry"].startswith("threshold")),
+                       key=lambda r: r["macs_ratio"])
+        if exits:  # AdaDiff's own rule: per-sample exits where certain, one point per threshold
+            ax.plot([r["macs_ratio"] for r in exits], [r["fd"] for r in exits], "-.^",
+                    color=colour, alpha=0.8, markersize=5, label=f"{name}: exit thresholds")
         for row in mine:
             if row["entry"] in markers:
                 ax.plot(row["macs_ratio"], row["fd"], markers[row["entry"]], color=colour,

@@ -90,3 +90,15 @@ def test_compare_refuses_evaluations_on_different_footing(evaluated, tmp_path):
         compare.compare([str(evaluated[0]), str(other)], tmp_path / "out")
     with pytest.raises(compare.CompareError, match="no evaluation"):
         compare.compare([str(evaluated[0]), str(tmp_path / "nowhere")], tmp_path / "out")
+
+
+def test_entries_name_each_strategys_rows():
+    point = {"fd": 1.0, "macs_ratio": 0.5}
+    evaluation = {"workdir": "w", "strategy": "adadiff", "full": point,
+                  "uniform": {"0.5": point}, "thresholds": {"0.1": point},
+                  "fewer_steps": {"10": point}, "fewer_steps_of": "full"}
+    assert [r["entry"] for r in compare.entries(evaluation)] == [
+        "full", "uniform 0.5", "threshold 0.1", "full, 10 steps"]
+    evaluation.update(strategy="multistage", fewer_steps_of="stages", thresholds={})
+    assert [r["entry"] for r in compare.entries(evaluation)] == [
+        "stages", "uniform 0.5", "stages, 10 steps"]
