@@ -97,7 +97,7 @@ def check_inputs(config, mode: str):
 
     check_widths(config.model.widths)
     strategy = strategy_name(config)
-    searchable = strategy in ("ddsm", "adadiff") or (
+    searchable = strategy in ("ddsm", "adadiff", "continuous_unet") or (
         strategy == "multistage" and len(config.multistage.decoder_widths) > 1)
     if mode == "search" and not searchable:
         raise ValueError(f"the {strategy} strategy has no schedule to search: each step runs the "

@@ -169,3 +169,23 @@ def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_p
     assert always["exit_depth_mean"] == 0.25 and always["timed_macs_ratio"] == always["macs_ratio"]
     assert always["macs_ratio"] < metrics["uniform"]["0.5"]["macs_ratio"] < 1.0
     assert "loss_d0.5" in (workdir / "metrics.jsonl").read_text()
+
+
+def test_the_continuous_unet_searches_solver_steps_per_sampling_step(tmp_path, digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    small = [*TINY, *SMALL_EVAL, "--config.strategy=continuous_unet",
+             "--config.search.population_size=4", "--config.search.generations=1",
+             "--config.search.num_samples=16", "--config.search.validation_samples=16",
+             "--config.search.macs_budget=0.6"]
+    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
+    schedule = json.loads((workdir / "search" / "schedule.json").read_text())
+    assert schedule["widths"] == [1.0, 0.5]  # solver-step fractions: 2 or 1 RK4 steps a block
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    # Against the full U-Net: two RK4 steps of the half-width digits network cost less than it.
+    one_step, two_steps = metrics["uniform"]["0.5"]["macs_ratio"], metrics["full"]["macs_ratio"]
+    assert 0.3 < one_step < 0.55 * two_steps and two_steps < 1.0
+    assert "loss_w0.5" in (workdir / "metrics.jsonl").read_text()

@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     # width per sampling step; 'multistage' (Zhang, Lu et al., arXiv 2312.09181), a shared
     # encoder with one decoder per timestep stage, each of its own size; 'step_adaptive' (Li et
     # al., arXiv 2312.13307), one model per timestep group pruned from a base model; 'adadiff'
-    # (Tang et al., arXiv 2309.17074), early exits in the decoder.
+    # (Tang et al., arXiv 2309.17074), early exits in the decoder; 'continuous_unet'
+    # (Calvo-Ordoñez et al., arXiv 2310.20092), neural-ODE blocks with searched solver steps.
     config.strategy = "ddsm"
     config.multistage = ml_collections.ConfigDict()
     # Decoder base channels as fractions of model.ch, one per stage, low noise to high. The
@@ -84,6 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.adadiff.layer_weight = 1.0
     config.adadiff.plain_layer_weight = 1.0
     config.adadiff.thresholds = (0.05, 0.1, 0.2, 0.3)
+
+    # The Missing U (Calvo-Ordoñez et al., arXiv 2310.20092): a U-Net of neural-ODE blocks
+    # (ddsm_jax/models/continuous_unet.py), its own channels (the paper's nf = 16 and levels of
+    # 2, 4, 8, 16 nf); model.attn_resolutions and model.num_groups as the U-Net's. A branch is
+    # the fraction of max_solver_steps RK4 steps every block takes: trained as DDSM's sandwich,
+    # searched per sampling step (the paper's network: one step, 4 evaluations per block).
+    config.continuous_unet = ml_collections.ConfigDict()
+    config.continuous_unet.ch = 16
+    config.continuous_unet.ch_mult = (2, 4, 8, 16)
+    config.continuous_unet.max_solver_steps = 2
+    config.continuous_unet.solver_fractions = (1.0, 0.5)
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000

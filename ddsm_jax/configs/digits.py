@@ -42,6 +42,11 @@ def get_config(variant: str = ""):
     config.step_adaptive.finetune_steps = 1000
     config.step_adaptive.finetune_learning_rate = 2e-4
 
+    # --config.strategy=continuous_unet: levels of 16 and 32 channels, half the U-Net's (the
+    # paper's nf = 16 network beside DDPM's ch = 128 one has a quarter to all of its channels).
+    config.continuous_unet.ch = 8
+    config.continuous_unet.ch_mult = (2, 4)
+
     config.training.batch_size = 64
     config.training.num_steps = 2000
     config.training.learning_rate = 1e-3

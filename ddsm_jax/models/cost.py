@@ -14,7 +14,7 @@ import numpy as np
 
 from ddsm_jax.common_types import Params
 from ddsm_jax.models import macs
-from ddsm_jax.models.network import Network, abstract_network
+from ddsm_jax.models.network import Network, abstract_network, strategy_name
 
 
 def width_macs(network: Network, params: Params, width: float | None = None,
@@ -98,12 +98,13 @@ class SchedulePrices:
     @classmethod
     def of(cls, network: Network, params: Params, timesteps: Sequence[int],
            config: ml_collections.ConfigDict | None = None) -> SchedulePrices:
-        """`config` is needed where the network is not itself the single U-Net (multi-stage)."""
+        """`config` is needed where the network is not DDSM's U-Net (whose first width is the
+        reference): the others' ratios are against the full U-Net of `config.model`."""
         per_step = branch_macs(network, params)[network.stages_of(timesteps)]
-        if network.boundaries is None:
+        if network.boundaries is None and (config is None or strategy_name(config) == "ddsm"):
             return cls(per_step, float(per_step[0, 0]))
         if config is None:
-            raise ValueError("the multi-stage network's MACs ratio needs its config")
+            raise ValueError("a strategy's MACs ratio against the full U-Net needs its config")
         return cls(per_step, reference_macs(config))
 
     def __call__(self, schedule: Sequence[int]) -> dict[str, float]:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ddsm_jax.common_types import Params
+from ddsm_jax.models.continuous_unet import build_continuous_unet
 from ddsm_jax.models.early_exit_unet import build_early_exit_unet
 from ddsm_jax.models.grouped_unet import build_grouped_unet
 from ddsm_jax.models.multi_decoder import build_multi_decoder_unet
@@ -87,7 +88,12 @@ def strategy_name(config: ml_collections.ConfigDict) -> str:
     return name
 
 
-STRATEGIES = ("ddsm", "multistage", "step_adaptive", "adadiff")
+STRATEGIES = ("ddsm", "multistage", "step_adaptive", "adadiff", "continuous_unet")
+
+
+# Strategies whose branches are another quantity than width: (`apply`'s argument, config field).
+BRANCH_ARGS = {"adadiff": ("depth", "exit_depths"),
+               "continuous_unet": ("solver_fraction", "solver_fractions")}
 
 
 def native_entry(strategy: str) -> str:
@@ -99,7 +105,8 @@ def native_entry(strategy: str) -> str:
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """The network of `config.strategy`."""
     builder = {"multistage": build_multi_decoder_unet, "step_adaptive": build_grouped_unet,
-               "adadiff": build_early_exit_unet}.get(strategy_name(config), build_unet)
+               "adadiff": build_early_exit_unet,
+               "continuous_unet": build_continuous_unet}.get(strategy_name(config), build_unet)
     return builder(config, rngs)
 
 
@@ -109,10 +116,11 @@ def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
     strategy = strategy_name(config)
     if strategy == "ddsm":
         return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
-    if strategy == "adadiff":
-        depths = config.adadiff.exit_depths
-        check_widths(depths, "config.adadiff.exit_depths")
-        return Network(graphdef, tuple(float(d) for d in depths), image_shape, branch_arg="depth")
+    if strategy in BRANCH_ARGS:  # one network whose branches are not widths
+        name, what = BRANCH_ARGS[strategy]
+        values = config[strategy][what]
+        check_widths(values, f"config.{strategy}.{what}")
+        return Network(graphdef, tuple(float(v) for v in values), image_shape, branch_arg=name)
     section = config[strategy]
     boundaries = tuple(int(b) for b in section.boundaries)
     stage_ranges(boundaries, config.diffusion.num_timesteps)  # checks them

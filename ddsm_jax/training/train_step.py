@@ -91,7 +91,8 @@ def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: ja
 
         def eps_fn(x_t: jax.Array, t: jax.Array, width: float = width,
                    dropout_key: jax.Array = dropout_key) -> jax.Array:
-            return network.apply(params, x_t, t, width=width, dropout_rng=dropout_key)
+            return network.apply(params, x_t, t, dropout_rng=dropout_key,
+                                 **{network.branch_arg: width})
 
         losses.append(epsilon_loss(eps_fn, diffusion, x0, loss_key))
     per_width = jnp.stack(losses)
