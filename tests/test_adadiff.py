@@ -169,3 +169,17 @@ def randomised_params(params):
     keys = jax.random.split(jax.random.key(9), len(leaves))
     return jax.tree_util.tree_unflatten(
         treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_thresholds_choose_sampling_only():
+    from ddsm_jax.training.checkpoint import identity_differences, network_identity
+
+    config, other = adadiff_config(), adadiff_config()
+    other.adadiff.thresholds = (0.9,)
+    assert identity_differences(network_identity(config), network_identity(other)) == []
+    older = network_identity(config)
+    older["adadiff"]["thresholds"] = [0.1]  # recorded by checkpoints before it was left out
+    assert identity_differences(older, network_identity(other)) == []
+    other.adadiff.layer_weight = 0.5
+    assert identity_differences(network_identity(config), network_identity(other)) == [
+        "adadiff.layer_weight: 1.0 in the checkpoint, 0.5 now"]

@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.adadiff.uncertainty_weight = 1.0
     config.adadiff.layer_weight = 1.0
     config.adadiff.plain_layer_weight = 1.0
-    config.adadiff.thresholds = (0.05, 0.1, 0.2, 0.3)
+    config.adadiff.thresholds = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # sampling only: any checkpoint
 
     # The Missing U (Calvo-Ordoñez et al., arXiv 2310.20092): a U-Net of neural-ODE blocks
     # (ddsm_jax/models/continuous_unet.py), its own channels (the paper's nf = 16 and levels of

@@ -26,6 +26,8 @@ from ddsm_jax.utils.files import as_path, is_remote
 
 # Model settings that change how the network is computed, not what it computes.
 COMPUTE_ONLY = ("dtype", "remat", "weight_grad_chunk")
+# Strategy settings that only choose how trained weights are sampled.
+SAMPLING_ONLY = {"adadiff": ("thresholds",)}
 # Empty values of settings added after a checkpoint was written: what it was trained with.
 NEUTRAL = (None, (), [], "")
 
@@ -48,17 +50,22 @@ def network_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     identity = {"model": model, "diffusion": config.diffusion.to_dict(), "data": data}
     strategy = strategy_name(config)
     if strategy != "ddsm":  # DDSM's identity is that of checkpoints older than strategies
-        identity.update(strategy=strategy, **{strategy: config[strategy].to_dict()})
+        section = {k: v for k, v in config[strategy].to_dict().items()
+                   if k not in SAMPLING_ONLY.get(strategy, ())}
+        identity.update(strategy=strategy, **{strategy: section})
     return identity
 
 
 def identity_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """One phrase per setting that differs (a JSON list and a config tuple compare equal; a
-    setting newer than the checkpoint matches where it is left empty, its neutral default)."""
+    setting newer than the checkpoint matches where it is left empty, its neutral default; a
+    sampling-only setting an older checkpoint recorded is not compared)."""
     differences = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
         if key not in saved and b in NEUTRAL:
+            continue
+        if key not in now and key in SAMPLING_ONLY.get(prefix.rstrip("."), ()):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             differences += identity_differences(a, b, f"{prefix}{key}.")
