@@ -11,6 +11,7 @@ against the full-width U-Net at every step, whatever the strategy.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -101,7 +102,8 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     fig, ax = plt.subplots(figsize=(10.5, 5))
     workdirs = list(dict.fromkeys(row["workdir"] for row in rows))
     markers = {"full": "*", "stages": "*", "groups": "*", "schedule": "D"}
-    for colour, workdir in zip(plt.cm.tab10.colors, workdirs):
+    palette = plt.cm.tab10.colors if len(workdirs) <= 10 else plt.cm.tab20.colors
+    for colour, workdir in zip(itertools.cycle(palette), workdirs):
         mine = [r for r in rows if r["workdir"] == workdir]
         name = f"{epath.Path(workdir).name} ({mine[0]['strategy']})"
         fewer = sorted((r for r in mine if r["entry"].endswith(" steps")),
@@ -132,6 +134,8 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: no mark hidden
+    entries = len(ax.get_legend_handles_labels()[1])
+    fig.set_size_inches(10.5, max(5.0, 0.15 * entries + 0.6))  # room for every legend line
     fig.tight_layout()
     return save_figure(fig, path)
 

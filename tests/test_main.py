@@ -169,6 +169,14 @@ def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_p
     assert always["exit_depth_mean"] == 0.25 and always["timed_macs_ratio"] == always["macs_ratio"]
     assert always["macs_ratio"] < metrics["uniform"]["0.5"]["macs_ratio"] < 1.0
     assert "loss_d0.5" in (workdir / "metrics.jsonl").read_text()
+    # Every way of sampling it, timed side by side with the others in one process.
+    timed = subprocess.run([sys.executable, "-m", "benchmarks.strategies", f"--workdirs={workdir}",
+                            "--batch=4", "--rounds=1", "--thresholds=0.5"],
+                           capture_output=True, text=True)
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    rows = [json.loads(line) for line in timed.stdout.splitlines() if line.startswith("{")]
+    assert [r["entry"] for r in rows] == ["full", "schedule", "threshold 0.5"]
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["macs_ratio"] <= 0.9
 
 
 def test_the_continuous_unet_searches_solver_steps_per_sampling_step(tmp_path, digits_classifier):
