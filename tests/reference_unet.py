@@ -117,7 +117,8 @@ class DenseUNet:
         w = jax.nn.softmax(w, axis=-1).reshape(b, height, width, height, width)
         return h + a["proj"](jnp.einsum("bhwHW,bHWc->bhwc", w, v))
 
-    def __call__(self, x, t):
+    def encode(self, x, t):
+        """(middle output, time embedding, skips)."""
         freqs = np.exp(-math.log(10000.0) * np.arange(0, self.ch, 2) / self.ch)
         angles = np.asarray(t, np.float64)[:, None] * freqs[None, :]
         emb = np.zeros((len(t), self.ch))
@@ -130,6 +131,10 @@ class DenseUNet:
             skips.append(h)
         for layer in self.mid:
             h = self._res(layer, h, temb)
+        return h, temb, skips
+
+    def __call__(self, x, t):
+        h, temb, skips = self.encode(x, t)
         for kind, layer in self.up:
             if kind == "res":
                 h = self._res(layer, jnp.concatenate([h, skips.pop()], axis=-1), temb)

@@ -3,8 +3,6 @@ and its exits per sample against each sample run alone."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ from ddsm_jax.models.cost import width_macs
 from ddsm_jax.models.early_exit_unet import build_early_exit_unet, exit_blocks
 from ddsm_jax.models.network import abstract_network, init_network
 from ddsm_jax.strategies.adadiff import ExitSampler, early_exit_loss
-from tests.helpers import tiny_config
+from tests.helpers import macs_agreeing_with_xla, tiny_config
 from tests.reference_unet import DenseUNet, _conv, _linear, _norm
 from tests.test_multi_decoder import randomised
 
@@ -41,18 +39,7 @@ class DenseEarlyExits(DenseUNet):
                                _linear(head.uncertainty, head.uncertainty.kernel[...].shape[0], 1)))
 
     def exits(self, x, t):
-        freqs = np.exp(-np.log(10000.0) * np.arange(0, self.ch, 2) / self.ch)
-        angles = np.asarray(t, np.float64)[:, None] * freqs[None, :]
-        emb = np.zeros((len(t), self.ch))
-        emb[:, 0::2], emb[:, 1::2] = np.sin(angles), np.cos(angles)
-        temb = self.temb1(nnx.silu(self.temb0(jnp.asarray(emb, jnp.float32))))
-        h = self.head(x)
-        skips = [h]
-        for kind, layer in self.down:
-            h = self._res(layer, h, temb) if kind == "res" else layer(h)
-            skips.append(h)
-        for layer in self.mid:
-            h = self._res(layer, h, temb)
+        h, temb, skips = self.encode(x, t)
         first, outputs = skips[0], []
         for kind, layer in self.up:
             if kind != "res":
@@ -92,16 +79,8 @@ def test_every_exit_and_the_full_depth_equal_a_dense_reference():
 def test_exit_macs_agree_with_xla_and_grow_with_depth():
     network, params = abstract_network(adadiff_config())
     assert network.branch_arg == "depth" and network.widths == (1.0, 0.75, 0.5, 0.25)
-    x = jax.ShapeDtypeStruct((2, *network.image_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((2,), jnp.int32)
-    totals = []
-    for depth in network.widths:
-        counter = width_macs(network, params, depth=depth)
-        lowered = jax.jit(partial(network.apply, depth=depth)).lower(params, x, t)
-        xla_flops = lowered.cost_analysis()["flops"]
-        ours = 2 * 2 * (counter.total - counter.conv_padding)  # 2 images, 2 FLOPs per MAC
-        assert abs(ours - xla_flops) / xla_flops < 0.01, (depth, ours, xla_flops)
-        totals.append(counter.total)
+    totals = [macs_agreeing_with_xla(network, params, 0.01, depth=depth).total
+              for depth in network.widths]
     assert totals == sorted(totals, reverse=True) and totals[-1] < 0.5 * totals[0]
     unet_network, unet_params = abstract_network(tiny_config())
     assert totals[0] == width_macs(unet_network, unet_params, 1.0).total  # no head at full depth

@@ -4,7 +4,6 @@ the whole network against a dense flax reference, its MACs against XLA's."""
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from flax import nnx
 from ddsm_jax.models.continuous_unet import ODEBlock, build_continuous_unet, rk4_steps, solver_steps
 from ddsm_jax.models.cost import SchedulePrices, width_macs
 from ddsm_jax.models.network import abstract_network, param_count
-from tests.helpers import tiny_config
+from tests.helpers import macs_agreeing_with_xla, tiny_config
 from tests.reference_unet import _conv, _linear, _norm
 from tests.test_multi_decoder import randomised
 
@@ -144,16 +143,9 @@ def test_the_network_equals_a_dense_reference():
 def test_macs_agree_with_xla_and_count_every_solver_evaluation():
     network, params = abstract_network(continuous_config())
     assert network.branch_arg == "solver_fraction" and network.widths == (1.0, 0.5)
-    x = jax.ShapeDtypeStruct((2, *network.image_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((2,), jnp.int32)
-    totals = {}
-    for fraction in network.widths:
-        counter = width_macs(network, params, solver_fraction=fraction)
-        lowered = jax.jit(partial(network.apply, solver_fraction=fraction)).lower(params, x, t)
-        xla_flops = lowered.cost_analysis()["flops"]
-        ours = 2 * 2 * (counter.total - counter.conv_padding)  # 2 images, 2 FLOPs per MAC
-        assert abs(ours - xla_flops) / xla_flops < 0.02, (fraction, ours, xla_flops)
-        totals[fraction] = counter.conv_linear
+    totals = {fraction: macs_agreeing_with_xla(network, params, 0.02,
+                                               solver_fraction=fraction).conv_linear
+              for fraction in network.widths}
     # Two solver steps evaluate every block's vector field 8 times, one step 4 times; the rest
     # (head, transitions, attention, mixing, tail) is shared. A field: two 3x3 convolutions
     # and the time embedding's (32 channels) scale-shift; blocks at 8x8 x 16 (first level, last

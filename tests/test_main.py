@@ -14,6 +14,15 @@ TINY = ["--config.training.num_steps=4", "--config.training.batch_size=16",
 # Evaluation and export at the smallest sizes that still score: for the strategy pipelines.
 SMALL_EVAL = ["--config.eval.num_samples=24", "--config.eval.num_reference=200",
               "--config.eval.kid_subsets=5", "--config.export.num_samples=8"]
+SMALL_SEARCH = ["--config.search.population_size=4", "--config.search.generations=1",
+                "--config.search.num_samples=16", "--config.search.validation_samples=16"]
+
+
+def run_all(workdir, *args) -> list[dict]:
+    """`--mode=all` in `workdir`, which must succeed; the stage reports it printed."""
+    done = run_main(f"--workdir={workdir}", "--mode=all", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def run_main(*args):
@@ -129,13 +138,9 @@ def test_the_step_adaptive_strategy_runs_its_whole_pipeline(tmp_path, digits_cla
 def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, *SMALL_EVAL, "--config.strategy=multistage",
-             "--config.multistage.decoder_widths=(1.0,0.5)", "--config.search.population_size=4",
-             "--config.search.generations=1", "--config.search.num_samples=16",
-             "--config.search.validation_samples=16", "--config.search.macs_budget=0.9"]
-    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
-    assert done.returncode == 0, done.stderr[-2000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports = run_all(workdir, *TINY, *SMALL_EVAL, *SMALL_SEARCH, "--config.strategy=multistage",
+                      "--config.multistage.decoder_widths=(1.0,0.5)",
+                      "--config.search.macs_budget=0.9")
     assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
     schedule = json.loads((workdir / "search" / "schedule.json").read_text())
     assert schedule["widths"] == [1.0, 0.5] and len(schedule["schedule"]) == 5
@@ -149,14 +154,9 @@ def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_p
                                                                            digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, *SMALL_EVAL, "--config.strategy=adadiff",
-             "--config.adadiff.exit_depths=(1.0,0.5)", "--config.adadiff.thresholds=(0.0,1.0)",
-             "--config.search.population_size=4", "--config.search.generations=1",
-             "--config.search.num_samples=16", "--config.search.validation_samples=16",
-             "--config.search.macs_budget=0.9"]
-    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
-    assert done.returncode == 0, done.stderr[-2000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports = run_all(workdir, *TINY, *SMALL_EVAL, *SMALL_SEARCH, "--config.strategy=adadiff",
+                      "--config.adadiff.exit_depths=(1.0,0.5)",
+                      "--config.adadiff.thresholds=(0.0,1.0)", "--config.search.macs_budget=0.9")
     assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
     schedule = json.loads((workdir / "search" / "schedule.json").read_text())
     assert schedule["widths"] == [1.0, 0.5]  # exit depths, searched per step as widths are
@@ -182,13 +182,8 @@ def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_p
 def test_the_continuous_unet_searches_solver_steps_per_sampling_step(tmp_path, digits_classifier):
     workdir = tmp_path / "run"
     digits_classifier(workdir)
-    small = [*TINY, *SMALL_EVAL, "--config.strategy=continuous_unet",
-             "--config.search.population_size=4", "--config.search.generations=1",
-             "--config.search.num_samples=16", "--config.search.validation_samples=16",
-             "--config.search.macs_budget=0.6"]
-    done = run_main(f"--workdir={workdir}", "--mode=all", *small)
-    assert done.returncode == 0, done.stderr[-2000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports = run_all(workdir, *TINY, *SMALL_EVAL, *SMALL_SEARCH,
+                      "--config.strategy=continuous_unet", "--config.search.macs_budget=0.6")
     assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
     schedule = json.loads((workdir / "search" / "schedule.json").read_text())
     assert schedule["widths"] == [1.0, 0.5]  # solver-step fractions: 2 or 1 RK4 steps a block
