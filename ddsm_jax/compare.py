@@ -70,9 +70,12 @@ def check_footing(evaluations: list[dict[str, Any]]) -> None:
 
 def entries(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scored entry of one evaluation as a flat row."""
-    native = native_entry(evaluation["strategy"])
-    rows = [(native, evaluation["full"])]
-    rows += [(f"uniform {w}", v) for w, v in evaluation.get("uniform", {}).items()]
+    # A mixture's branches are named by their MACs ratio; its labels say whose branch each is.
+    labels = [f" ({label})" for label in evaluation.get("branch_labels", [])]
+    labels = labels or [""] * (1 + len(evaluation.get("uniform", {})))
+    rows = [(native_entry(evaluation["strategy"]) + labels[0], evaluation["full"])]
+    rows += [(f"uniform {w}{label}", v)
+             for (w, v), label in zip(evaluation.get("uniform", {}).items(), labels[1:])]
     if "schedule" in evaluation:
         rows.append(("schedule", evaluation["schedule"]))
     rows += [(f"threshold {k}", v) for k, v in evaluation.get("thresholds", {}).items()]
@@ -110,7 +113,7 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
                        key=lambda r: r["macs_ratio"])
         if fewer:  # the baseline: full compute with fewer steps, ending at all steps
             of = fewer[0]["entry"].split(",")[0]
-            line = fewer + [r for r in mine if r["entry"] == of]
+            line = fewer + [r for r in mine if r["entry"].split(" (")[0] == of]
             ax.plot([r["macs_ratio"] for r in line], [r["fd"] for r in line], "--x",
                     color=colour, alpha=0.7,
                     label=f"{name}: {'full width' if of == 'full' else of}, fewer steps")
@@ -125,8 +128,9 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
             ax.plot([r["macs_ratio"] for r in exits], [r["fd"] for r in exits], "-.^",
                     color=colour, alpha=0.8, markersize=5, label=f"{name}: exit thresholds")
         for row in mine:
-            if row["entry"] in markers:
-                ax.plot(row["macs_ratio"], row["fd"], markers[row["entry"]], color=colour,
+            entry = row["entry"].split(" (")[0]  # a mixture's label in brackets
+            if entry in markers:
+                ax.plot(row["macs_ratio"], row["fd"], markers[entry], color=colour,
                         markersize=8 if row["entry"] == "schedule" else 11,
                         label=f"{name}: {row['entry']}")
     ax.set_xlabel("MACs per sampling run, as a fraction of the full U-Net at every step")

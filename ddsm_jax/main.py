@@ -97,6 +97,9 @@ def check_inputs(config, mode: str):
 
     check_widths(config.model.widths)
     strategy = strategy_name(config)
+    if strategy == "mixed":
+        raise ValueError("config.strategy=mixed is a schedule over trained workdirs' networks: "
+                         "make it with python -m ddsm_jax.mix --workdirs=A,B (see docs/strategies.md)")
     searchable = strategy in ("ddsm", "adadiff", "continuous_unet") or (
         strategy == "multistage" and len(config.multistage.decoder_widths) > 1)
     if mode == "search" and not searchable:

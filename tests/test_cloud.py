@@ -37,7 +37,8 @@ def gcs():
 
 
 def cloud_config(num_steps: int):
-    config = tiny_config(num_steps=num_steps)
+    config = tiny_config(num_steps=num_steps, widths=(1.0, 0.5))  # few programs to compile
+    config.sampling.num_steps = 4
     config.sampling.batch_size = 16
     config.search.generations = 1
     config.search.num_samples = 16

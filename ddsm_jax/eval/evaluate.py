@@ -44,10 +44,11 @@ GRID_IMAGES = 64
 def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Network,
              diffusion: Diffusion, params: Params, *, schedule: WidthSchedule | None = None,
              weights: dict[str, Any] | None = None, baseline: tuple[Network, Params] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             training: dict[str, float] | None = None, progress: bool = True) -> dict[str, Any]:
     """Samples `config.eval.num_samples` images per entry, scores them, writes the results
     (with `weights`, the `weights_id` of `params`); `baseline`: the network and weights run with
-    fewer steps, where they are not the evaluated ones."""
+    fewer steps, where they are not the evaluated ones; `training`: the training cost where it
+    is not `config.training`'s (a mixture's: its members')."""
     layout = Workdir(workdir)
     extractor, extractor_info = feature_extractor(config, workdir)
     reference = reference_statistics(config, extractor, workdir, progress=progress)
@@ -144,7 +145,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
                            if name.startswith("threshold")}}
            if strategy_name(config) == "adadiff" else {}),
         "strategy": strategy_name(config),
-        "training": _training_cost(config, network, params, prices.reference),
+        "training": training or _training_cost(config, network, params, prices.reference),
+        **({"branch_labels": list(network.labels)} if hasattr(network, "labels") else {}),
         "noise": score(noise_images),
         "num_samples": int(config.eval.num_samples),
         "seed": int(config.seed),

@@ -88,7 +88,8 @@ def strategy_name(config: ml_collections.ConfigDict) -> str:
     return name
 
 
-STRATEGIES = ("ddsm", "multistage", "step_adaptive", "adadiff", "continuous_unet")
+STRATEGIES = ("ddsm", "multistage", "step_adaptive", "adadiff", "continuous_unet", "mixed")
+TRAINABLE = STRATEGIES[:-1]  # a mixture is made of trained workdirs (`ddsm_jax.mix`)
 
 
 # Strategies whose branches are another quantity than width: (`apply`'s argument, config field).
@@ -104,6 +105,9 @@ def native_entry(strategy: str) -> str:
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """The network of `config.strategy`."""
+    if strategy_name(config) not in TRAINABLE:
+        raise ValueError(f"config.strategy={config.strategy!r} is not trained: it mixes trained "
+                         f"workdirs' networks (python -m ddsm_jax.mix); train one of {TRAINABLE}")
     builder = {"multistage": build_multi_decoder_unet, "step_adaptive": build_grouped_unet,
                "adadiff": build_early_exit_unet,
                "continuous_unet": build_continuous_unet}.get(strategy_name(config), build_unet)
