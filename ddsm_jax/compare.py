@@ -3,7 +3,8 @@
 Reads each workdir's evaluation (`eval/metrics.json`, written by `--mode=evaluate` or `all`),
 refuses workdirs that were not scored on the same footing (data, sampler and step count, sample
 count, feature space, seed: the evaluation noise), and writes `compare.json` (every entry of
-every workdir), `compare.md` (a markdown table) and `compare.png` (FD against MACs ratio, one
+every workdir), `compare.md` (a markdown table; with `--budget=B` a second one, each workdir's
+best entry at no more than B of the full U-Net's MACs) and `compare.png` (FD against MACs ratio, one
 colour per workdir; the baseline a saving must beat, fewer steps of full compute (the full U-Net
 where the workdir has one, else the strategy's own rule), as a dashed line). MACs ratios are all
 against the full-width U-Net at every step, whatever the strategy.
@@ -101,8 +102,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
+def within_budget(rows: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
+    """Each workdir's best-FD entry at no more than `budget` of the full U-Net's MACs: every
+    strategy at one price (a workdir with nothing that cheap is left out)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["macs_ratio"] <= budget + 1e-9 and (
+                row["workdir"] not in best or row["fd"] < best[row["workdir"]]["fd"]):
+            best[row["workdir"]] = row
+    return sorted(best.values(), key=lambda row: row["fd"])
+
+
+def save_picture(rows: list[dict[str, Any]], path: PathLike,
+                 budget: float | None = None) -> epath.Path:
     fig, ax = plt.subplots(figsize=(10.5, 5))
+    if budget is not None:
+        ax.axvline(budget, color="grey", linestyle=":", linewidth=1.2,
+                   label=f"budget: {budget:g} of the full U-Net's MACs")
     workdirs = list(dict.fromkeys(row["workdir"] for row in rows))
     markers = {"full": "*", "stages": "*", "groups": "*", "schedule": "D"}
     palette = plt.cm.tab10.colors if len(workdirs) <= 10 else plt.cm.tab20.colors
@@ -144,16 +160,24 @@ def save_picture(rows: list[dict[str, Any]], path: PathLike) -> epath.Path:
     return save_figure(fig, path)
 
 
-def compare(workdirs: list[str], out: PathLike) -> dict[str, Any]:
+def compare(workdirs: list[str], out: PathLike, budget: float | None = None) -> dict[str, Any]:
+    """`budget`: also each workdir's best entry at no more than that MACs ratio (compare.md)."""
     if not workdirs:
         raise CompareError("--workdirs is empty: give the evaluated workdirs to compare")
+    if budget is not None and budget <= 0:
+        raise CompareError(f"--budget={budget} must be a positive fraction of the full U-Net's "
+                           f"MACs, e.g. 0.5")
     evaluations = [load_evaluation(w) for w in workdirs]
     check_footing(evaluations)
     rows = [row for evaluation in evaluations for row in entries(evaluation)]
     out = as_path(out)
     write_json(out / "compare.json", rows)
-    write_text_atomically(out / "compare.md", markdown_table(rows))
-    save_picture(rows, out / "compare.png")
+    table = markdown_table(rows)
+    if budget is not None:
+        table += (f"\nEach workdir's best entry at no more than {budget:g} of the full U-Net's "
+                  f"MACs:\n\n" + markdown_table(within_budget(rows, budget)))
+    write_text_atomically(out / "compare.md", table)
+    save_picture(rows, out / "compare.png", budget)
     return {"compare": str(out / "compare.json"), "table": str(out / "compare.md"),
             "picture": str(out / "compare.png"), "entries": len(rows)}
 
@@ -167,11 +191,13 @@ def cli() -> None:
 
     workdirs = flags.DEFINE_list("workdirs", None, "Workdirs to compare, each evaluated.")
     out = flags.DEFINE_string("out", "compare", "Folder for compare.json, compare.md, compare.png.")
+    budget = flags.DEFINE_float("budget", None, "Also list each workdir's best entry at no more "
+                                "than this fraction of the full U-Net's MACs (compare.md).")
 
     def main(argv: list[str]) -> None:
         del argv
         try:
-            print(json.dumps(compare(workdirs.value, out.value)))
+            print(json.dumps(compare(workdirs.value, out.value, budget.value)))
         except (CompareError, OSError, KeyError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)

@@ -67,16 +67,24 @@ def test_two_strategies_score_the_same_network_identically(evaluated):
 
 def test_compare_writes_the_table_json_and_picture(evaluated, tmp_path):
     done = subprocess.run([sys.executable, "-m", "ddsm_jax.compare",
-                           f"--workdirs={evaluated[0]},{evaluated[1]}", f"--out={tmp_path}"],
-                          capture_output=True, text=True)
+                           f"--workdirs={evaluated[0]},{evaluated[1]}", f"--out={tmp_path}",
+                           "--budget=0.5"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert {r["strategy"] for r in rows} == {"ddsm", "multistage"}
     assert [r["entry"] for r in rows if r["strategy"] == "multistage"] == [
         "stages", "stages, 2 steps", "stages, 3 steps", "stages, 4 steps"]
     assert any(r["entry"] == "full, 3 steps" for r in rows)
-    table = (tmp_path / "compare.md").read_text()
+    table, at_budget = (tmp_path / "compare.md").read_text().split("\nEach workdir's best")
     assert table.count("\n") == len(rows) + 2 and "| multistage | stages |" in table
+    # At half the MACs: each workdir's best entry that cheap, the better workdir first.
+    best = compare.within_budget(rows, 0.5)
+    assert {r["workdir"] for r in best} == {str(w) for w in evaluated}
+    for row in best:
+        cheap = [r["fd"] for r in rows if r["workdir"] == row["workdir"] and r["macs_ratio"] <= 0.5]
+        assert row["macs_ratio"] <= 0.5 and row["fd"] == min(cheap) < max(cheap)
+    assert best[0]["fd"] <= best[1]["fd"]
+    assert at_budget.count("\n| ") == 2 + 2  # header, rule, a row per workdir
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

@@ -154,3 +154,11 @@ def test_the_mix_command_searches_and_evaluates_a_mixture(tmp_path, digits_class
     refused = run_mix(f"--workdirs={unet_dir},{staged}", f"--workdir={tmp_path / 'other'}")
     assert refused.returncode == 1 and "multistage run" in refused.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_a_mixture_is_not_trained(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ddsm_jax.main", "--config=configs/digits.py",
+                           "--config.strategy=mixed", f"--workdir={tmp_path / 'run'}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "python -m ddsm_jax.mix" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

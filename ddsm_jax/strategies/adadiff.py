@@ -113,8 +113,8 @@ class ExitSampler:
         """MACs of one image leaving after each number of decoder blocks (1..all), from the
         tracer; the earlier exits' uncertainty estimators (a pooled linear each, under 0.1% of
         a block) are not added."""
-        from ddsm_jax.models.cost import width_macs
+        from ddsm_jax.models.cost import macs_table
 
         blocks = len(params["exits"]) + 1
-        return np.array([width_macs(self.network, params, depth=k / blocks).total
-                         for k in range(1, blocks + 1)], np.float64)
+        table = macs_table(self.network, params, widths=[k / blocks for k in range(1, blocks + 1)])
+        return np.array([row["total"] for row in table.values()], np.float64)
