@@ -107,6 +107,13 @@ def check_inputs(config, mode: str):
                          f"model of its timestep's stage; run --mode=evaluate or --mode=all"
                          + (" (or give multistage.decoder_widths: slimmable decoders)"
                             if strategy == "multistage" else ""))
+    distillation = config.training.get("distillation", 0.0)
+    if not 0.0 <= distillation <= 1.0:
+        raise ValueError(f"config.training.distillation={distillation} must lie in [0, 1]: the "
+                         f"weight of the full width's prediction in the narrower widths' target")
+    if distillation and strategy not in ("ddsm", "continuous_unet"):
+        raise ValueError(f"config.training.distillation applies to sandwich training (ddsm, "
+                         f"continuous_unet), not to {strategy}; leave it at 0")
     if strategy == "step_adaptive":
         from ddsm_jax.strategies.step_adaptive import check_config
 

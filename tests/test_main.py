@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 TINY = ["--config.training.num_steps=4", "--config.training.batch_size=16",
@@ -60,6 +61,17 @@ def test_an_unknown_data_set_is_one_clear_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown data set 'svhn'; known data sets: ")
     assert "digits" in last and "cifar10" in last
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.distillation=2"], "must lie in [0, 1]"),
+    (["--config.training.distillation=1", "--config.strategy=adadiff"],
+     "applies to sandwich training"),
+])
+def test_distillation_settings_that_cannot_apply_are_refused(tmp_path, args, message):
+    done = run_main(f"--workdir={tmp_path / 'run'}", *args)
+    assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
 
 
 def test_sampling_without_a_checkpoint_says_what_to_run(tmp_path):

@@ -52,6 +52,33 @@ def test_sandwich_steps_decrease_the_loss_on_real_digits():
     assert step._cache_size() == 2  # one compiled step per middle width, never per step
 
 
+def test_in_place_distillation_learns_from_the_full_width_without_moving_it():
+    """Two copies of the full width as the sandwich, no dropout: the second learns the target
+    halfway between the noise and the first's prediction, |e - n|^2 / 4 with the teacher held
+    still, so its gradient is half the first's (a teacher that moved would give a quarter)."""
+    config = tiny_config(dropout=0.0)
+    network, params = init_network(config, jax.random.key(0))
+    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)  # no zero-initialised output
+    diffusion = diffusion_from_config(config.diffusion)
+    images = jnp.asarray(load_dataset(config.data).train[:8])
+
+    def loss(p, which):
+        total, per_width = sandwich_loss(network, diffusion, p, images, jax.random.key(3),
+                                         (1.0, 1.0), distillation=0.5)
+        return total if which is None else per_width[which]
+
+    _, per_width = sandwich_loss(network, diffusion, params, images, jax.random.key(3),
+                                 (1.0, 1.0), distillation=0.5)
+    np.testing.assert_allclose(per_width[1], per_width[0] / 4, rtol=1e-5)
+    full_only = jax.grad(loss)(params, 0)
+    both = jax.grad(loss)(params, None)
+    for a, b in zip(jax.tree_util.tree_leaves(both), jax.tree_util.tree_leaves(full_only)):
+        np.testing.assert_allclose(a, 1.5 * b, rtol=1e-4, atol=1e-9)
+    # Without distillation each width draws its own noisy batch: the losses differ.
+    _, apart = sandwich_loss(network, diffusion, params, images, jax.random.key(3), (1.0, 1.0))
+    assert abs(float(apart[1]) - float(apart[0])) > 1e-3 * float(apart[0])
+
+
 def _params_after(config, workdir):
     result = train(config, workdir)
     return jax.tree_util.tree_leaves(jax.device_get((result.state.params, result.state.ema_params)))

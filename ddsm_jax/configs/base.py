@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 5000
     config.training.keep_checkpoints = 3
     config.training.sample_every = 0  # sample grids per width every K steps (0: only at the end)
+    # In-place distillation (BigNAS, OFA): the narrower widths of a sandwich learn a target this
+    # far from the noise towards the full width's (stop-gradient) prediction of the same noisy
+    # batch; 0 is the paper's sandwich (each width its own t and noise), 1 the teacher alone.
+    config.training.distillation = 0.0
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.method = "ddpm"  # 'ddpm' | 'ddim'

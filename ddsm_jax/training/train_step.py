@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion.losses import epsilon_loss
-from ddsm_jax.diffusion.schedules import Diffusion
+from ddsm_jax.diffusion.schedules import Diffusion, q_sample
 from ddsm_jax.models.network import Network
 from ddsm_jax.training.sharding import state_shardings
 
@@ -83,8 +84,13 @@ def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: jax.Array,
-                  key: jax.Array, widths: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
-    """Sum of the epsilon losses of `widths` on one batch, each with its own t, noise, dropout."""
+                  key: jax.Array, widths: tuple[float, ...], *,
+                  distillation: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Sum of the epsilon losses of `widths` on one batch, each with its own t, noise, dropout;
+    with `distillation` > 0, in-place distillation instead (`distilled_sandwich_loss`)."""
+    if distillation:
+        return distilled_sandwich_loss(network, diffusion, params, x0, key, widths,
+                                       distillation)
     losses = []
     for index, width in enumerate(widths):
         loss_key, dropout_key = jax.random.split(jax.random.fold_in(key, index))
@@ -95,6 +101,32 @@ def sandwich_loss(network: Network, diffusion: Diffusion, params: Params, x0: ja
                                  **{network.branch_arg: width})
 
         losses.append(epsilon_loss(eps_fn, diffusion, x0, loss_key))
+    per_width = jnp.stack(losses)
+    return per_width.sum(), per_width
+
+
+def distilled_sandwich_loss(network: Network, diffusion: Diffusion, params: Params,
+                            x0: jax.Array, key: jax.Array, widths: tuple[float, ...],
+                            distillation: float) -> tuple[jax.Array, jax.Array]:
+    """In-place distillation (BigNAS, OFA): every width sees the same noisy batch; the first
+    (largest) learns the noise, the others a target moved by `distillation` from the noise to
+    the largest's stop-gradient prediction, the teacher that is already in the step.
+
+    (1 - d) |e - noise|^2 + d |e - teacher|^2 equals |e - ((1 - d) noise + d teacher)|^2 up to a
+    constant, so one MSE against the mixed target gives the same gradients."""
+    chex.assert_rank(x0, 4)
+    t_key, noise_key = jax.random.split(key)
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, diffusion.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
+    x_t = q_sample(diffusion, x0.astype(jnp.float32), t, noise)
+    losses, target = [], noise
+    for index, width in enumerate(widths):
+        dropout_key = jax.random.fold_in(key, 1000 + index)
+        eps = network.apply(params, x_t, t, dropout_rng=dropout_key,
+                            **{network.branch_arg: width}).astype(jnp.float32)
+        losses.append(jnp.mean(jnp.square(eps - target)))
+        if index == 0:
+            target = (1.0 - distillation) * noise + distillation * jax.lax.stop_gradient(eps)
     per_width = jnp.stack(losses)
     return per_width.sum(), per_width
 
@@ -145,11 +177,12 @@ def accumulate_gradients(gradients: Callable, batch: jax.Array, key: jax.Array,
 
 def make_train_step(network: Network, diffusion: Diffusion, training: ml_collections.ConfigDict,
                     *, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
-                    loss: Callable = sandwich_loss) -> Callable:
+                    loss: Callable | None = None) -> Callable:
     """Returns `step(state, batch, rng, widths) -> (state, metrics)`, jitted, state donated.
 
-    `loss(network, diffusion, params, images, key, widths) -> (total, per-width losses)`: the
-    sandwich's, or a strategy's own (AdaDiff's trains every exit at once).
+    `loss(network, diffusion, params, images, key, widths) -> (total, per-width losses)`: a
+    strategy's own (AdaDiff's trains every exit at once); by default the sandwich's, distilled
+    in place where `training.distillation` > 0.
 
     `widths` is static; the key of a step is `fold_in(rng, state.step)`, so a resumed run draws
     exactly the randomness an uninterrupted one would. With `training.microbatch_size`, the
@@ -161,6 +194,8 @@ def make_train_step(network: Network, diffusion: Diffusion, training: ml_collect
     lr_schedule = learning_rate_schedule(training)
     decay = training.ema_decay
     microbatch_size = training.get("microbatch_size", 0)
+    if loss is None:
+        loss = functools.partial(sandwich_loss, distillation=training.get("distillation", 0.0))
 
     def step(state: TrainState, batch: jax.Array, rng: jax.Array,
              widths: tuple[float, ...]) -> tuple[TrainState, dict[str, jax.Array]]:
