@@ -140,8 +140,10 @@ def run_stage(stage: str, config, layout, result, weights: dict) -> dict:
                                       params, weights=weights).run()
         return {"schedule": str(layout.schedule),
                 **{k: schedule.figures[k] for k in ("fd", "full_fd", "macs_ratio",
+                                                    "seconds_ratio", "measured_seconds_ratio",
                                                     "network_evaluations",
-                                                    "naive_network_evaluations")}}
+                                                    "naive_network_evaluations")
+                   if k in schedule.figures}}
     from ddsm_jax.models.network import strategy_name
     from ddsm_jax.provenance import check_made_from
     from ddsm_jax.sampling import ScheduleSampler

@@ -8,7 +8,10 @@ import pytest
 
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
+from ddsm_jax.sampling import ScheduleSampler
+from ddsm_jax.search import branch_seconds
 from ddsm_jax.search.search import EvolutionarySearch, SearchError
+from ddsm_jax.utils.files import write_json
 from ddsm_jax.width_schedule import load_schedule
 from tests.helpers import tiny_config
 
@@ -162,3 +165,43 @@ def test_identical_schedules_score_identically(tmp_path, model, digits_classifie
     # On 8 devices each candidate runs on its own device: equal even across devices.
     assert scores.fd[0] == scores.fd[2] and scores.fd[0] != scores.fd[1]
     assert scores.macs_ratio[1] < scores.macs_ratio[0] < 1
+
+
+def test_a_search_priced_in_seconds_uses_the_measured_branch_times(tmp_path, model,
+                                                                   digits_classifier):
+    """Branch times cached as if measured here, with the narrowest width the slowest: every
+    price, the budget and the front follow them, not the MACs; the chosen schedule's time is
+    also measured for real. A cache made at another batch size is measured again."""
+    config = search_config(generations=1)
+    config.search.objective = "budget"
+    config.search.cost = "seconds"
+    config.search.seconds_budget = 0.6
+    config.search.timing_repeats = 1
+    network, diffusion, params = model
+    sampler = ScheduleSampler(network, diffusion, config.sampling)
+    forward = np.array([1.0, 0.5, 0.3, 2.0])  # seconds per call of widths 1, 0.75, 0.5, 0.25
+    cached = {"device": branch_seconds.device_name(), "batch_size": config.sampling.batch_size,
+              "widths": list(network.widths), "stages": 1, "branch": "width",
+              "timesteps": [int(t) for t in sampler.timesteps], "forward": [forward.tolist()],
+              "step_overhead": 0.0}
+    workdir = tmp_path / "run"
+    write_json(workdir / "search" / "branch_seconds.json", cached)
+    schedule = run_search(config, workdir, model, digits_classifier)
+    state = json.loads((workdir / "search" / "state.json").read_text())
+    for key, entry in state["archive"].items():
+        indices = [int(i) for i in key.split(",")]
+        assert entry["seconds_ratio"] == pytest.approx(forward[indices].mean())
+    assert schedule.figures["seconds_ratio"] <= 0.6
+    assert schedule.figures["seconds_ratio"] == pytest.approx(
+        forward[list(schedule.schedule)].mean())
+    assert schedule.figures["measured_seconds_ratio"] > 0 and schedule.figures["cost"] == "seconds"
+    front = json.loads((workdir / "search" / "pareto.json").read_text())["front"]
+    assert [p["seconds_ratio"] for p in front] == sorted(p["seconds_ratio"] for p in front)
+    assert all(3 not in p["schedule"] for p in front)  # the slowest width is never worth it
+    assert json.loads((workdir / "search" / "branch_seconds.json").read_text()) == cached
+    # At another batch size the cache does not hold: measured again, and cached.
+    config.sampling.batch_size = 4
+    remeasured = branch_seconds.branch_seconds(workdir, ScheduleSampler(
+        network, diffusion, config.sampling), params, 4, repeats=1)
+    assert remeasured["batch_size"] == 4 and remeasured["forward"] != [forward.tolist()]
+    assert np.all(np.asarray(remeasured["forward"]) > 0) and remeasured["step_overhead"] >= 0

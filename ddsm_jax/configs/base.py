@@ -163,6 +163,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.search.macs_lambda = 0.001  # weighted: FD + macs_lambda * mean MMACs per step
     config.search.macs_budget = 0.5  # budget: best FD with MACs <= this fraction of full width
     config.search.fd_tolerance = 0.05  # pareto: cheapest front member with FD <= 1.05 x full's
+    # What a schedule costs to the budget and Pareto objectives: 'macs' (counted, the paper's) or
+    # 'seconds' (each branch timed on this machine at sampling.batch_size, median of
+    # timing_repeats; cached in DIR/search/branch_seconds.json), against full compute's.
+    config.search.cost = "macs"
+    config.search.seconds_budget = 0.5  # budget with cost 'seconds': time <= this x full's
+    config.search.timing_repeats = 5
     config.search.population_size = 50
     config.search.generations = 10
     config.search.num_samples = 4096  # per candidate, the same noise for every candidate

@@ -44,21 +44,24 @@ def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
 
 def save_pareto_plot(fd: np.ndarray, macs_ratio: np.ndarray, front: Sequence[int],
                      uniform: Sequence[dict[str, float]], chosen: int,
-                     path: PathLike, *, num_samples: int, title: str | None = None) -> epath.Path:
-    """Every scored schedule, the front, the uniform widths and the chosen schedule."""
+                     path: PathLike, *, num_samples: int, title: str | None = None,
+                     cost: str = "macs_ratio") -> epath.Path:
+    """Every scored schedule, the front, the uniform widths and the chosen schedule, against
+    their cost (`cost`: the field, "macs_ratio" or "seconds_ratio")."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(macs_ratio, fd, s=8, color="0.75", label="scored schedules")
     front = list(front)
     ax.plot(macs_ratio[front], fd[front], "-o", color="tab:blue", markersize=4,
             label="Pareto front")
-    ax.scatter([u["macs_ratio"] for u in uniform], [u["fd"] for u in uniform], marker="s",
+    ax.scatter([u[cost] for u in uniform], [u["fd"] for u in uniform], marker="s",
                s=40, color="tab:orange", zorder=3, label="uniform widths")
     for u in uniform:
-        ax.annotate(f"{u['width']:g}", (u["macs_ratio"], u["fd"]), textcoords="offset points",
+        ax.annotate(f"{u['width']:g}", (u[cost], u["fd"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8, color="tab:orange")
     ax.scatter([macs_ratio[chosen]], [fd[chosen]], marker="*", s=180, color="tab:red", zorder=4,
                label="chosen")
-    ax.set_xlabel("MACs per step / full width")
+    ax.set_xlabel("MACs per step / full width" if cost == "macs_ratio"
+                  else "predicted time (measured per branch) / full width's")
     ax.set_ylabel(f"FD on the search's {num_samples} samples (same noise for all)")
     ax.set_yscale("log")
     for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):

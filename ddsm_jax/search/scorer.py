@@ -28,6 +28,15 @@ class Scores:
     macs_ratio: np.ndarray
     network_evaluations: int  # network calls made (each on the N shared-noise samples)
     naive_evaluations: int  # the calls of evaluating every candidate from scratch
+    seconds_ratio: np.ndarray | None = None  # predicted from measured branch times, if priced
+
+    def entry(self, i: int) -> dict[str, float]:
+        """Candidate i's scores as an archive entry."""
+        entry = {"fd": float(self.fd[i]), "macs_mean": float(self.macs_mean[i]),
+                 "macs_ratio": float(self.macs_ratio[i])}
+        if self.seconds_ratio is not None:
+            entry["seconds_ratio"] = float(self.seconds_ratio[i])
+        return entry
 
 
 
@@ -49,6 +58,7 @@ class ScheduleScorer:
         self.extractor, self.extractor_info = feature_extractor(config, workdir)
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
         self.prices = SchedulePrices.of(network, params, self.sampler.timesteps, config)
+        self.seconds: SchedulePrices | None = None  # set where the search prices in seconds
         self._draw_noise(config.search.num_samples, Stream.SEARCH)
 
     def _draw_noise(self, num_samples: int, stream: Stream) -> None:
@@ -74,8 +84,9 @@ class ScheduleScorer:
 
     @property
     def width_cost(self) -> np.ndarray:
-        """(steps, widths): each width's MACs at each step as a fraction of the full U-Net's."""
-        return self.prices.ratios
+        """(steps, widths): each width's cost at each step as a fraction of full compute's: its
+        MACs (of the full U-Net's), or where priced in seconds its measured time."""
+        return (self.prices if self.seconds is None else self.seconds).ratios
 
     def cost(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         costs = [self.prices(row) for row in population]
@@ -99,7 +110,10 @@ class ScheduleScorer:
         features = features.reshape(count, per_candidate, -1)
         fd = np.array([self.reference.frechet_distance(f) for f in features])
         macs_mean, macs_ratio = self.cost(population)
-        return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size)
+        seconds = (None if self.seconds is None else
+                   np.array([self.seconds(row)["macs_ratio"] for row in population]))
+        return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size,
+                      seconds)
 
     def retain(self, population: np.ndarray) -> None:
         """Keeps the trajectories of `population` only (the parents of the next children)."""

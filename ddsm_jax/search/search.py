@@ -25,7 +25,7 @@ from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.layout import Stream, Workdir
 from ddsm_jax.models.network import Network
 from ddsm_jax.provenance import describe_weights
-from ddsm_jax.search import genome, objectives
+from ddsm_jax.search import branch_seconds, genome, objectives
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
 from ddsm_jax.search.scorer import ScheduleScorer
 from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
@@ -56,6 +56,8 @@ class SearchState:
 
 
 VALIDATION_SETTINGS = ("validation_samples", "validation_candidates", "validation_front")
+SECONDS_SETTINGS = ("cost", "seconds_budget", "timing_repeats")
+COSTS = ("macs", "seconds")
 
 
 def _key(schedule: np.ndarray) -> str:
@@ -86,8 +88,22 @@ class EvolutionarySearch:
         if self.search.validation_samples and self.search.validation_candidates < 1:
             raise ValueError("config.search.validation_candidates must be at least 1 (or set "
                              "config.search.validation_samples=0 to choose on the search noise)")
+        if self.search.get("cost", "macs") not in COSTS:
+            raise ValueError(f"config.search.cost={self.search.cost!r}: choose one of {COSTS}")
+        self.cost = self.search.get("cost", "macs")
+        if self.cost == "seconds" and self.search.objective == "weighted":
+            raise ValueError("config.search.cost=seconds prices the budget and pareto objectives; "
+                             "the weighted one is DDSM's FD + lambda x MMACs: set "
+                             "config.search.objective=budget or pareto")
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
+        self.measured_seconds = None
+        if self.cost == "seconds":
+            self.measured_seconds = branch_seconds.branch_seconds(
+                workdir, self.scorer.sampler, params, config.sampling.batch_size,
+                self.search.timing_repeats)
+            self.scorer.seconds = branch_seconds.seconds_prices(self.measured_seconds,
+                                                                self.scorer.sampler)
         self.ops = genome.Operators(
             self.scorer.num_widths, self.scorer.num_steps,
             crossover_rate=self.search.crossover_rate, max_cut_points=self.search.max_cut_points,
@@ -96,21 +112,34 @@ class EvolutionarySearch:
             shift_mutation_rate=self.search.shift_mutation_rate)
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
-        settings = {k: v for k, v in self.search.to_dict().items()
-                    if k not in ("generations", "trajectory_cache_mb", *VALIDATION_SETTINGS)}
+        # A MACs-priced search leaves the seconds settings out: older states never had them.
+        ignored = ("generations", "trajectory_cache_mb", *VALIDATION_SETTINGS,
+                   *(SECONDS_SETTINGS if self.cost == "macs" else ("timing_repeats",)))
+        settings = {k: v for k, v in self.search.to_dict().items() if k not in ignored}
         self.fingerprint = {"search": settings, "seed": config.seed,
                             "sampling": config.sampling.to_dict(),
                             "widths": list(network.widths), "data": config.data.name}
+        if self.measured_seconds is not None:  # its prices hold on the device they came from
+            self.fingerprint["seconds_measured_on"] = self.measured_seconds["device"]
 
     # -- ranking ---------------------------------------------------------------------------
+    @property
+    def _cost_ratio(self) -> str:
+        """The archive field the objective prices a schedule by."""
+        return "seconds_ratio" if self.cost == "seconds" else "macs_ratio"
+
+    @property
+    def _budget(self) -> float:
+        return self.search.seconds_budget if self.cost == "seconds" else self.search.macs_budget
+
     def _columns(self, keys: list[str], archive: dict) -> tuple[np.ndarray, ...]:
+        """(FD, mean MACs, cost ratio: of MACs or of measured seconds, as `search.cost` says)."""
         return tuple(np.array([archive[k][name] for k in keys])
-                     for name in ("fd", "macs_mean", "macs_ratio"))
+                     for name in ("fd", "macs_mean", self._cost_ratio))
 
     def _ranking(self, keys: list[str], archive: dict) -> np.ndarray:
         return objectives.ranking(self.search.objective, *self._columns(keys, archive),
-                                  macs_lambda=self.search.macs_lambda,
-                                  macs_budget=self.search.macs_budget)
+                                  macs_lambda=self.search.macs_lambda, macs_budget=self._budget)
 
     # -- one generation --------------------------------------------------------------------
     def _score_new(self, population: np.ndarray, archive: dict) -> dict[str, Any]:
@@ -121,9 +150,7 @@ class EvolutionarySearch:
             scores = self.scorer(np.stack(new))
             network_calls = scores.network_evaluations
             for i, row in enumerate(new):
-                archive[_key(row)] = {"fd": float(scores.fd[i]),
-                                      "macs_mean": float(scores.macs_mean[i]),
-                                      "macs_ratio": float(scores.macs_ratio[i])}
+                archive[_key(row)] = scores.entry(i)
         return {"scored": len(new), "network_evaluations": network_calls,
                 "naive_evaluations": int(population.size),  # every candidate from scratch
                 "seconds": round(time.perf_counter() - start, 2)}
@@ -152,21 +179,23 @@ class EvolutionarySearch:
         """Under a hard budget, over-budget children are narrowed into it (constraint repair)."""
         if self.search.objective != "budget":
             return genome.no_repair
-        width_cost, budget = self.scorer.width_cost, self.search.macs_budget
+        width_cost, budget = self.scorer.width_cost, self._budget
         return lambda row: genome.fit_budget(rng, row, width_cost, budget)
 
     def _record(self, generation: int, population: np.ndarray, archive: dict,
                 work: dict[str, Any]) -> dict[str, Any]:
         keys = [_key(row) for row in population]
-        fd, macs_mean, macs_ratio = self._columns(keys, archive)
+        fd, macs_mean, cost_ratio = self._columns(keys, archive)
         best = int(self._ranking(keys, archive)[0])
-        fitness = objectives.fitness(self.search.objective, fd, macs_mean, macs_ratio,
-                                     macs_lambda=self.search.macs_lambda,
-                                     macs_budget=self.search.macs_budget)
+        fitness = objectives.fitness(self.search.objective, fd, macs_mean, cost_ratio,
+                                     macs_lambda=self.search.macs_lambda, macs_budget=self._budget)
         all_keys = list(archive)
         front = objectives.pareto_ranks(*self._columns(all_keys, archive)[::2]) == 0
+        best_entry = archive[keys[best]]
         return {"generation": generation, "best_fitness": float(fitness[best]),
-                "best_fd": float(fd[best]), "best_macs_ratio": float(macs_ratio[best]),
+                "best_fd": float(fd[best]), "best_macs_ratio": best_entry["macs_ratio"],
+                **({"best_seconds_ratio": best_entry["seconds_ratio"]}
+                   if "seconds_ratio" in best_entry else {}),
                 "front_size": int(front.sum()), "archive_size": len(archive), **work}
 
     # -- state -----------------------------------------------------------------------------
@@ -254,13 +283,13 @@ class EvolutionarySearch:
             state.validation = None
             return
         keys = list(state.archive)
-        fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
+        fd, macs_mean, cost_ratio = self._columns(keys, state.archive)
         shortlist = [keys[i] for i in objectives.shortlist(
-            self.search.objective, fd, macs_mean, macs_ratio,
+            self.search.objective, fd, macs_mean, cost_ratio,
             settings["validation_candidates"], full_fd=self._full_fd(state.archive),
             fd_tolerance=self.search.fd_tolerance, macs_lambda=self.search.macs_lambda,
-            macs_budget=self.search.macs_budget)]
-        front = [keys[i] for i in objectives.spread_front(fd, macs_ratio,
+            macs_budget=self._budget)]
+        front = [keys[i] for i in objectives.spread_front(fd, cost_ratio,
                                                           settings["validation_front"])]
         uniform = [_key(np.full(self.ops.num_steps, i)) for i in range(self.ops.num_widths)]
         wanted = list(dict.fromkeys([*uniform, *shortlist, *front]))  # full width first
@@ -274,9 +303,7 @@ class EvolutionarySearch:
         scorer = self.scorer.on_noise(settings["validation_samples"], Stream.VALIDATION)
         scores = scorer(np.stack([_unkey(key) for key in wanted]))
         state.validation = {"settings": settings, "shortlist": shortlist, "front": front,
-                            "scores": {
-            key: {"fd": float(scores.fd[i]), "macs_mean": float(scores.macs_mean[i]),
-                  "macs_ratio": float(scores.macs_ratio[i])} for i, key in enumerate(wanted)}}
+                            "scores": {key: scores.entry(i) for i, key in enumerate(wanted)}}
         self._save_state(state)
 
     def _full_key(self) -> str:
@@ -285,20 +312,32 @@ class EvolutionarySearch:
     def _full_fd(self, scores: dict) -> float:
         return scores[self._full_key()]["fd"]
 
+    def _seconds_figures(self, key: str, archive: dict) -> dict[str, Any]:
+        """Where priced in seconds: the cost, the predicted time ratio, and the one measured
+        with the real sampler (alternating with full compute), the check on the prediction."""
+        if self.measured_seconds is None:
+            return {}
+        measured = branch_seconds.measured_ratio(
+            self.scorer.sampler, self.scorer.params, _unkey(key),
+            self.config.sampling.batch_size, self.search.timing_repeats)
+        return {"cost": "seconds", "seconds_ratio": archive[key]["seconds_ratio"],
+                "measured_seconds_ratio": round(measured, 4),
+                "seconds_measured_on": self.measured_seconds["device"]}
+
     def _finish(self, state: SearchState) -> WidthSchedule:
         """schedule.json, pareto.json and the two pictures, from every schedule ever scored.
         The choice is made among the validated schedules, on their validation scores, when
         there are any."""
         keys = list(state.archive)
-        fd, macs_mean, macs_ratio = self._columns(keys, state.archive)
+        fd, _, cost_ratio = self._columns(keys, state.archive)
         final = state.validation["scores"] if state.validation else state.archive
         final_keys = list(final)
-        final_fd, final_macs_mean, final_macs_ratio = self._columns(final_keys, final)
+        final_fd, final_macs_mean, final_cost_ratio = self._columns(final_keys, final)
         full_fd = self._full_fd(final)
         chosen_key = final_keys[objectives.choose(
-            self.search.objective, final_fd, final_macs_mean, final_macs_ratio, full_fd=full_fd,
+            self.search.objective, final_fd, final_macs_mean, final_cost_ratio, full_fd=full_fd,
             fd_tolerance=self.search.fd_tolerance, macs_lambda=self.search.macs_lambda,
-            macs_budget=self.search.macs_budget)]
+            macs_budget=self._budget)]
         chosen = keys.index(chosen_key)
         network_calls = sum(h["network_evaluations"] for h in state.history)
         naive_calls = sum(h["naive_evaluations"] for h in state.history)
@@ -307,16 +346,17 @@ class EvolutionarySearch:
                        "search_full_fd": self._full_fd(state.archive)}
                       if state.validation else {})
         schedule = self.scorer.sampler.to_width_schedule(
-            _unkey(chosen_key), macs_mean=float(macs_mean[chosen]),
-            macs_ratio=float(macs_ratio[chosen]), fd=final[chosen_key]["fd"], full_fd=full_fd,
+            _unkey(chosen_key), macs_mean=state.archive[chosen_key]["macs_mean"],
+            macs_ratio=state.archive[chosen_key]["macs_ratio"], **self._seconds_figures(
+                chosen_key, state.archive), fd=final[chosen_key]["fd"], full_fd=full_fd,
             objective=self.search.objective, generations=state.generation,
             search_samples=int(self.search.num_samples), **validation,
             network_evaluations=network_calls, naive_network_evaluations=naive_calls,
             features=self.scorer.extractor.name, weights=self.weights,
             **({"resumed_after_generations": state.resumed_after} if state.resumed_after else {}))
         schedule.save(self.layout.schedule)
-        front = np.flatnonzero(objectives.pareto_ranks(fd, macs_ratio) == 0)
-        front = front[np.argsort(macs_ratio[front])]
+        front = np.flatnonzero(objectives.pareto_ranks(fd, cost_ratio) == 0)
+        front = front[np.argsort(cost_ratio[front])]
         uniform = [{"width": w, **state.archive[_key(np.full(self.ops.num_steps, i))]}
                    for i, w in enumerate(self.scorer.sampler.network.widths)]
         pareto = {"weights": self.weights,
@@ -334,6 +374,6 @@ class EvolutionarySearch:
         if state.validation:
             title += (f";\n{len(final_keys)} of them (the shortlist, a spread of the front, the "
                       f"uniform widths)\nscored again on {self.search.validation_samples} fresh ones")
-        save_pareto_plot(fd, macs_ratio, front, uniform, chosen, self.layout.search / "pareto.png",
-                         num_samples=self.search.num_samples, title=title)
+        save_pareto_plot(fd, cost_ratio, front, uniform, chosen, self.layout.search / "pareto.png",
+                         num_samples=self.search.num_samples, title=title, cost=self._cost_ratio)
         return schedule
