@@ -184,6 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the devices), from which children start at the longest prefix they share with a parent
     # (0 = off; more memory keeps the states of more steps).
     config.search.trajectory_cache_mb = 1024
+    # The fraction of each generation's children sampled: those a surrogate (ridge regression
+    # of log FD on the width of every step, fitted to every schedule scored) ranks best; 1: all.
+    config.search.surrogate_keep = 1.0
     # The best of many noisy scores is optimistic: the shortlist is scored again, with full width,
     # on fresh noise and more samples, and the choice is made on those scores (0 = don't).
     config.search.validation_samples = 10000

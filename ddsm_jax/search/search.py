@@ -25,7 +25,7 @@ from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.layout import Stream, Workdir
 from ddsm_jax.models.network import Network
 from ddsm_jax.provenance import describe_weights
-from ddsm_jax.search import branch_seconds, genome, objectives
+from ddsm_jax.search import branch_seconds, genome, objectives, surrogate
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
 from ddsm_jax.search.scorer import ScheduleScorer
 from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
@@ -57,6 +57,7 @@ class SearchState:
 
 VALIDATION_SETTINGS = ("validation_samples", "validation_candidates", "validation_front")
 SECONDS_SETTINGS = ("cost", "seconds_budget", "timing_repeats")
+NEUTRAL_SETTINGS = {"surrogate_keep": 1.0}
 COSTS = ("macs", "seconds")
 
 
@@ -112,10 +113,15 @@ class EvolutionarySearch:
             shift_mutation_rate=self.search.shift_mutation_rate)
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
-        # A MACs-priced search leaves the seconds settings out: older states never had them.
+        if not 0.0 < self.search.get("surrogate_keep", 1.0) <= 1.0:
+            raise ValueError(f"config.search.surrogate_keep={self.search.surrogate_keep} must lie "
+                             f"in (0, 1]: the fraction of children sampled (1: all)")
+        # Settings at their neutral value are left out, as older states never had them; a
+        # MACs-priced search leaves out the seconds settings.
         ignored = ("generations", "trajectory_cache_mb", *VALIDATION_SETTINGS,
                    *(SECONDS_SETTINGS if self.cost == "macs" else ("timing_repeats",)))
-        settings = {k: v for k, v in self.search.to_dict().items() if k not in ignored}
+        settings = {k: v for k, v in self.search.to_dict().items()
+                    if k not in ignored and NEUTRAL_SETTINGS.get(k, object()) != v}
         self.fingerprint = {"search": settings, "seed": config.seed,
                             "sampling": config.sampling.to_dict(),
                             "widths": list(network.widths), "data": config.data.name}
@@ -142,7 +148,10 @@ class EvolutionarySearch:
                                   macs_lambda=self.search.macs_lambda, macs_budget=self._budget)
 
     # -- one generation --------------------------------------------------------------------
-    def _score_new(self, population: np.ndarray, archive: dict) -> dict[str, Any]:
+    def _score_new(self, population: np.ndarray, archive: dict,
+                   bred: int | None = None) -> dict[str, Any]:
+        """Scores the rows of `population` not in `archive`; `bred`: the children bred, where
+        the surrogate sampled only `population` of them (the naive count scores them all)."""
         start = time.perf_counter()
         new = [row for row in population if _key(row) not in archive]
         network_calls = 0
@@ -151,9 +160,29 @@ class EvolutionarySearch:
             network_calls = scores.network_evaluations
             for i, row in enumerate(new):
                 archive[_key(row)] = scores.entry(i)
+        bred = len(population) if bred is None else bred
         return {"scored": len(new), "network_evaluations": network_calls,
-                "naive_evaluations": int(population.size),  # every candidate from scratch
+                **({"bred": bred} if bred != len(population) else {}),
+                "naive_evaluations": bred * self.ops.num_steps,  # all from scratch
                 "seconds": round(time.perf_counter() - start, 2)}
+
+    def _surrogate_pick(self, children: np.ndarray, archive: dict) -> np.ndarray:
+        """The `search.surrogate_keep` fraction of `children` the objective ranks best with
+        their FD predicted from the archive (their costs are exact)."""
+        keep = self.search.get("surrogate_keep", 1.0)
+        if keep >= 1.0:
+            return children
+        keys = list(archive)
+        predicted = surrogate.predict_fd(np.stack([_unkey(k) for k in keys]),
+                                         np.array([archive[k]["fd"] for k in keys]), children,
+                                         self.ops.num_widths)
+        macs_mean, macs_ratio = self.scorer.cost(children)
+        cost_ratio = (macs_ratio if self.scorer.seconds is None else
+                      np.array([self.scorer.seconds(row)["macs_ratio"] for row in children]))
+        order = objectives.ranking(self.search.objective, predicted, macs_mean, cost_ratio,
+                                   macs_lambda=self.search.macs_lambda, macs_budget=self._budget)
+        count = max(1, round(keep * len(children)))
+        return children[np.sort(order[:count])]
 
     def _breed(self, rng: np.random.Generator, population: np.ndarray,
                archive: dict) -> np.ndarray:
@@ -252,7 +281,9 @@ class EvolutionarySearch:
             rng.bit_generator.state = state.rng_state
             population = np.asarray(state.population, np.int32)
             children = self._breed(rng, population, state.archive)
-            work = self._score_new(children, state.archive)
+            picked = self._surrogate_pick(children, state.archive)
+            work = self._score_new(picked, state.archive, bred=len(children))
+            children = picked
             merged = np.concatenate([population, children])
             keys = [_key(row) for row in merged]
             survivors = merged[self._ranking(keys, state.archive)[:len(population)]]
