@@ -52,6 +52,12 @@ class ScheduleSampler:
                                method=self.method, timesteps=self.timesteps, eta=self.eta,
                                variance=self.variance, clip_denoised=self.clip_denoised)
 
+    def step_update(self) -> samplers.StepUpdate:
+        """This sampler's update of the images at one step, for loops of its own (AdaDiff's)."""
+        return samplers.step_update(self.diffusion, method=self.method, timesteps=self.timesteps,
+                                    eta=self.eta, variance=self.variance,
+                                    clip_denoised=self.clip_denoised)
+
     def branch_ids(self, schedule: np.ndarray) -> np.ndarray:
         """Each step's branch in `network.branch_fns` order: its stage's block, its width."""
         return self.stages * len(self.network.widths) + np.asarray(schedule, np.int32)

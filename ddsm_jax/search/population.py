@@ -27,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddsm_jax.common_types import Params
-from ddsm_jax.diffusion import samplers
 from ddsm_jax.sampling import ScheduleSampler
 
 
@@ -116,9 +115,7 @@ class PopulationSampler:
         if any(not 0 <= i < sampler.num_steps for i in keep_steps):
             raise ValueError(f"keep_steps {keep_steps} must lie in [0, {sampler.num_steps})")
         self.keep_steps = tuple(sorted(set(keep_steps)))
-        self.update = samplers.step_update(
-            sampler.diffusion, method=sampler.method, timesteps=sampler.timesteps,
-            eta=sampler.eta, variance=sampler.variance, clip_denoised=sampler.clip_denoised)
+        self.update = sampler.step_update()
         replicated, split = P(), P("pop")
         self._run = jax.jit(jax.shard_map(
             self._local, mesh=self.mesh, in_specs=(replicated, split, split, split, replicated),

@@ -22,6 +22,7 @@ from ddsm_jax.diffusion import samplers
 from ddsm_jax.diffusion.schedules import Diffusion, q_sample
 from ddsm_jax.models.early_exit_unet import exit_blocks
 from ddsm_jax.models.network import Network
+from ddsm_jax.sampling import ScheduleSampler
 
 
 def early_exit_loss(network: Network, diffusion: Diffusion, params: Params, x0: jax.Array,
@@ -74,14 +75,12 @@ class ExitSampler:
 
     def __init__(self, network: Network, diffusion: Diffusion,
                  sampling: ml_collections.ConfigDict, *, per_batch: bool = False):
+        schedule_sampler = ScheduleSampler(network, diffusion, sampling)
         self.network = network
         self.per_batch = per_batch
         self.method = sampling.method
-        self.timesteps = samplers.sampling_timesteps(
-            sampling.method, diffusion.num_timesteps, sampling.num_steps, sampling.spacing)
-        self._update = samplers.step_update(
-            diffusion, method=sampling.method, timesteps=self.timesteps, eta=sampling.eta,
-            variance=sampling.variance, clip_denoised=sampling.clip_denoised)
+        self.timesteps = schedule_sampler.timesteps
+        self._update = schedule_sampler.step_update()
         self._jitted = jax.jit(self._sample)
 
     @property
