@@ -88,10 +88,16 @@ class ScheduleScorer:
         MACs (of the full U-Net's), or where priced in seconds its measured time."""
         return (self.prices if self.seconds is None else self.seconds).ratios
 
-    def cost(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cost(self, population: np.ndarray) -> dict[str, np.ndarray]:
+        """Each candidate's exact cost: mean MACs per step, MACs ratio and, where the search is
+        priced in seconds, its predicted time ratio."""
         costs = [self.prices(row) for row in population]
-        return (np.array([c["macs_mean"] for c in costs]),
-                np.array([c["macs_ratio"] for c in costs]))
+        result = {"macs_mean": np.array([c["macs_mean"] for c in costs]),
+                  "macs_ratio": np.array([c["macs_ratio"] for c in costs])}
+        if self.seconds is not None:
+            result["seconds_ratio"] = np.array([self.seconds(row)["macs_ratio"]
+                                                for row in population])
+        return result
 
     def __call__(self, population: np.ndarray) -> Scores:
         population = np.asarray(population, np.int32)
@@ -109,11 +115,9 @@ class ScheduleScorer:
                                     batch_size=self.config.eval.feature_batch_size)
         features = features.reshape(count, per_candidate, -1)
         fd = np.array([self.reference.frechet_distance(f) for f in features])
-        macs_mean, macs_ratio = self.cost(population)
-        seconds = (None if self.seconds is None else
-                   np.array([self.seconds(row)["macs_ratio"] for row in population]))
-        return Scores(fd, macs_mean, macs_ratio, plan.network_evaluations, population.size,
-                      seconds)
+        costs = self.cost(population)
+        return Scores(fd, costs["macs_mean"], costs["macs_ratio"], plan.network_evaluations,
+                      population.size, costs.get("seconds_ratio"))
 
     def retain(self, population: np.ndarray) -> None:
         """Keeps the trajectories of `population` only (the parents of the next children)."""

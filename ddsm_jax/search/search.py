@@ -89,6 +89,9 @@ class EvolutionarySearch:
         if self.search.validation_samples and self.search.validation_candidates < 1:
             raise ValueError("config.search.validation_candidates must be at least 1 (or set "
                              "config.search.validation_samples=0 to choose on the search noise)")
+        if not 0.0 < self.search.get("surrogate_keep", 1.0) <= 1.0:
+            raise ValueError(f"config.search.surrogate_keep={self.search.surrogate_keep} must lie "
+                             f"in (0, 1]: the fraction of children sampled (1: all)")
         if self.search.get("cost", "macs") not in COSTS:
             raise ValueError(f"config.search.cost={self.search.cost!r}: choose one of {COSTS}")
         self.cost = self.search.get("cost", "macs")
@@ -113,9 +116,6 @@ class EvolutionarySearch:
             shift_mutation_rate=self.search.shift_mutation_rate)
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
-        if not 0.0 < self.search.get("surrogate_keep", 1.0) <= 1.0:
-            raise ValueError(f"config.search.surrogate_keep={self.search.surrogate_keep} must lie "
-                             f"in (0, 1]: the fraction of children sampled (1: all)")
         # Settings at their neutral value are left out, as older states never had them; a
         # MACs-priced search leaves out the seconds settings.
         ignored = ("generations", "trajectory_cache_mb", *VALIDATION_SETTINGS,
@@ -176,11 +176,10 @@ class EvolutionarySearch:
         predicted = surrogate.predict_fd(np.stack([_unkey(k) for k in keys]),
                                          np.array([archive[k]["fd"] for k in keys]), children,
                                          self.ops.num_widths)
-        macs_mean, macs_ratio = self.scorer.cost(children)
-        cost_ratio = (macs_ratio if self.scorer.seconds is None else
-                      np.array([self.scorer.seconds(row)["macs_ratio"] for row in children]))
-        order = objectives.ranking(self.search.objective, predicted, macs_mean, cost_ratio,
-                                   macs_lambda=self.search.macs_lambda, macs_budget=self._budget)
+        costs = self.scorer.cost(children)
+        order = objectives.ranking(self.search.objective, predicted, costs["macs_mean"],
+                                   costs[self._cost_ratio], macs_lambda=self.search.macs_lambda,
+                                   macs_budget=self._budget)
         count = max(1, round(keep * len(children)))
         return children[np.sort(order[:count])]
 
@@ -280,10 +279,9 @@ class EvolutionarySearch:
             rng = np.random.default_rng()
             rng.bit_generator.state = state.rng_state
             population = np.asarray(state.population, np.int32)
-            children = self._breed(rng, population, state.archive)
-            picked = self._surrogate_pick(children, state.archive)
-            work = self._score_new(picked, state.archive, bred=len(children))
-            children = picked
+            bred = self._breed(rng, population, state.archive)
+            children = self._surrogate_pick(bred, state.archive)
+            work = self._score_new(children, state.archive, bred=len(bred))
             merged = np.concatenate([population, children])
             keys = [_key(row) for row in merged]
             survivors = merged[self._ranking(keys, state.archive)[:len(population)]]
