@@ -19,7 +19,8 @@ import numpy as np
 
 from ddsm_jax.common_types import Params
 from ddsm_jax.diffusion import samplers
-from ddsm_jax.diffusion.schedules import Diffusion, q_sample
+from ddsm_jax.diffusion.losses import noisy_batch
+from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.early_exit_unet import exit_blocks
 from ddsm_jax.models.network import Network
 from ddsm_jax.sampling import ScheduleSampler
@@ -31,10 +32,8 @@ def early_exit_loss(network: Network, diffusion: Diffusion, params: Params, x0: 
                     ) -> tuple[jax.Array, jax.Array]:
     """The loss of one batch (one t and noise per image, every exit), and each depth's epsilon
     MSE in the order of `depths` (for the log)."""
-    t_key, noise_key, dropout_key = jax.random.split(key, 3)
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, diffusion.num_timesteps, dtype=jnp.int32)
-    noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
-    x_t = q_sample(diffusion, x0.astype(jnp.float32), t, noise)
+    batch_key, dropout_key = jax.random.split(key)
+    x_t, t, noise = noisy_batch(diffusion, x0, batch_key)
     eps, uncertainty = network.apply(params, x_t, t, all_exits=True, dropout_rng=dropout_key)
     pixels = tuple(range(2, eps.ndim))
     squared = jnp.square(eps - noise[None]).mean(axis=pixels)  # (exits + 1, B)

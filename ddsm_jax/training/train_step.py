@@ -15,8 +15,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddsm_jax.common_types import Params
-from ddsm_jax.diffusion.losses import epsilon_loss
-from ddsm_jax.diffusion.schedules import Diffusion, q_sample
+from ddsm_jax.diffusion.losses import epsilon_loss, noisy_batch
+from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.network import Network
 from ddsm_jax.training.sharding import state_shardings
 
@@ -114,11 +114,7 @@ def distilled_sandwich_loss(network: Network, diffusion: Diffusion, params: Para
 
     (1 - d) |e - noise|^2 + d |e - teacher|^2 equals |e - ((1 - d) noise + d teacher)|^2 up to a
     constant, so one MSE against the mixed target gives the same gradients."""
-    chex.assert_rank(x0, 4)
-    t_key, noise_key = jax.random.split(key)
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, diffusion.num_timesteps, dtype=jnp.int32)
-    noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
-    x_t = q_sample(diffusion, x0.astype(jnp.float32), t, noise)
+    x_t, t, noise = noisy_batch(diffusion, x0, key)
     losses, target = [], noise
     for index, width in enumerate(widths):
         dropout_key = jax.random.fold_in(key, 1000 + index)
