@@ -77,18 +77,26 @@ class FrontMember:
     fd: float | None = None  # validated FD (None: never validated, e.g. a converted release)
     seconds_ratio: float | None = None  # measured sampling time / full width's
     chosen: bool = False  # the schedule the search chose (schedule.json)
+    timesteps: tuple[int, ...] | None = None  # where the search chose them; None: the config's
 
     def widths(self, widths: Sequence[float]) -> list[float]:
         return [float(widths[i]) for i in self.schedule]
 
     def to_json(self, widths: Sequence[float]) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "schedule": list(self.schedule),
+        data = {**dataclasses.asdict(self), "schedule": list(self.schedule),
                 "widths": self.widths(widths)}
+        if self.timesteps is None:
+            del data["timesteps"]
+        else:
+            data["timesteps"] = list(self.timesteps)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FrontMember:
+        timesteps = data.get("timesteps")
         return cls(tuple(int(i) for i in data["schedule"]), float(data["macs_ratio"]),
-                   data.get("fd"), data.get("seconds_ratio"), bool(data.get("chosen", False)))
+                   data.get("fd"), data.get("seconds_ratio"), bool(data.get("chosen", False)),
+                   None if timesteps is None else tuple(int(t) for t in timesteps))
 
 
 def build_front(config: ml_collections.ConfigDict, network: Network, params: Params,
@@ -96,22 +104,36 @@ def build_front(config: ml_collections.ConfigDict, network: Network, params: Par
                 validated: Sequence[dict[str, Any]] = ()) -> list[FrontMember]:
     """Full width, the chosen schedule and every validated schedule (`pareto.json`'s
     `validated`: dicts with `schedule` and `fd`), each once, by MACs; costs from the network."""
+    # A width costs the same at any timestep wherever the search chose the timesteps (one
+    # network for all of them), so the config grid's prices hold for every member.
     prices = SchedulePrices.of(network, params, sampler.timesteps, config)
-    chosen = tuple(int(i) for i in sampler.to_indices(schedule)) if schedule is not None else None
-    fds: dict[tuple[int, ...], float | None] = {tuple(sampler.uniform(0).tolist()): None}
-    if chosen is not None:
+    full = (tuple(sampler.uniform(0).tolist()), None)
+    fds: dict[tuple[tuple[int, ...], tuple[int, ...] | None], float | None] = {full: None}
+    chosen = None
+    if schedule is not None:
+        chosen = (tuple(int(i) for i in sampler.for_schedule(schedule).to_indices(schedule)),
+                  _own_timesteps(schedule.timesteps if schedule.timesteps_searched else None,
+                                 sampler))
         fds[chosen] = schedule.figures.get("fd")
-        fds[tuple(sampler.uniform(0).tolist())] = schedule.figures.get("full_fd")
+        fds[full] = schedule.figures.get("full_fd")
     for entry in validated:
         key = tuple(int(i) for i in entry["schedule"])
         if len(key) != sampler.num_steps or max(key) >= len(network.widths):
             raise ExportError(f"a validated schedule of {len(key)} steps does not fit this "
                               f"sampler ({sampler.num_steps} steps) and network; search again")
-        fds[key] = float(entry["fd"])
-    members = [FrontMember(key, prices(key)["macs_ratio"],
-                           None if fd is None else float(fd), chosen=key == chosen)
-               for key, fd in fds.items()]
-    return sorted(members, key=lambda m: (m.macs_ratio, m.schedule))
+        fds[key, _own_timesteps(entry.get("timesteps"), sampler)] = float(entry["fd"])
+    members = [FrontMember(key, prices(key)["macs_ratio"], None if fd is None else float(fd),
+                           chosen=(key, timesteps) == chosen, timesteps=timesteps)
+               for (key, timesteps), fd in fds.items()]
+    return sorted(members, key=lambda m: (m.macs_ratio, m.schedule, m.timesteps or ()))
+
+
+def _own_timesteps(timesteps: Sequence[int] | None,
+                   sampler: ScheduleSampler) -> tuple[int, ...] | None:
+    """A member's timesteps where they are not the sampler's grid (else None)."""
+    if timesteps is None or list(timesteps) == list(sampler.timesteps):
+        return None
+    return tuple(int(t) for t in timesteps)
 
 
 def choose(front: Sequence[FrontMember], *, budget: float | None = None,
@@ -234,7 +256,7 @@ class ExportedModel:
         """'auto': the exported schedule if there is one, else full width; 'full'; or indices."""
         if isinstance(schedule, str):
             if schedule == "auto" and self.schedule is not None:
-                return self.sampler.to_indices(self.schedule)
+                return self.sampler.for_schedule(self.schedule).to_indices(self.schedule)
             if schedule in ("auto", "full"):
                 return self.sampler.uniform(0)
             raise ValueError(f"schedule must be 'auto', 'full' or width indices, got {schedule!r}")
@@ -260,12 +282,16 @@ class ExportedModel:
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or
                                        batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        sampler = self.sampler
         if budget is not None or seconds_budget is not None:
-            schedule = np.asarray(self.choose(budget=budget, seconds_budget=seconds_budget)
-                                  .schedule, np.int32)
+            member = self.choose(budget=budget, seconds_budget=seconds_budget)
+            schedule = np.asarray(member.schedule, np.int32)
+            sampler = self.sampler.with_timesteps(member.timesteps)
+        elif isinstance(schedule, str) and schedule == "auto" and self.schedule is not None:
+            sampler = self.sampler.for_schedule(self.schedule)
         noise, sample_key = stream_draws(jax.random.key(seed), num_samples,
                                          self.network.image_shape)
-        return sample_in_batches(self.sampler, self.params, self.schedule_indices(schedule), noise,
+        return sample_in_batches(sampler, self.params, self.schedule_indices(schedule), noise,
                                  sample_key, batch_size or self.config.sampling.batch_size,
                                  progress=progress)
 
@@ -317,17 +343,18 @@ def measure_seconds(sampler: ScheduleSampler, params: Params, front: Sequence[Fr
     """`front` with each member's sampling time for one batch (`noise`), as a ratio to full
     width's: compiled and warmed up first, then the median of `repeats` runs."""
 
-    def seconds(schedule: Sequence[int]) -> float:
-        jax.block_until_ready(sampler(params, schedule, noise, key))  # compile, warm up
+    def seconds(schedule: Sequence[int], timesteps: Sequence[int] | None = None) -> float:
+        run = sampler.with_timesteps(timesteps)
+        jax.block_until_ready(run(params, schedule, noise, key))  # compile, warm up
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
-            jax.block_until_ready(sampler(params, schedule, noise, key))
+            jax.block_until_ready(run(params, schedule, noise, key))
             runs.append(time.perf_counter() - start)
         return float(np.median(runs))
 
     full = seconds(sampler.uniform(0))
-    return [dataclasses.replace(m, seconds_ratio=round(seconds(m.schedule) / full, 4))
+    return [dataclasses.replace(m, seconds_ratio=round(seconds(m.schedule, m.timesteps) / full, 4))
             for m in tqdm(front, desc="timing the front", unit="schedule", disable=not progress,
                           leave=False)]
 
@@ -343,7 +370,9 @@ def export_run(config: ml_collections.ConfigDict, directory: PathLike, network: 
     model = ExportedModel(config, network, diffusion, params, schedule, {})
     key = stream_key(config.seed, Stream.EXPORT)
     noise, sample_key = stream_draws(key, config.export.num_samples, network.image_shape)
-    images = sample_in_batches(model.sampler, params, model.schedule_indices(), noise,
+    images = sample_in_batches(model.sampler if schedule is None else
+                               model.sampler.for_schedule(schedule), params,
+                               model.schedule_indices(), noise,
                                sample_key, config.sampling.batch_size, progress=progress)
     front = build_front(config, network, params, model.sampler, schedule, validated)
     timing_noise = initial_noise(jax.random.fold_in(key, 2), config.sampling.batch_size,

@@ -28,12 +28,22 @@ from ddsm_jax.width_schedule import WidthSchedule
 class ScheduleSampler:
     """Samples with any width schedule; one compiled program per set of widths used."""
 
-    def __init__(self, network: Network, diffusion: Diffusion, sampling: ml_collections.ConfigDict):
+    def __init__(self, network: Network, diffusion: Diffusion, sampling: ml_collections.ConfigDict,
+                 timesteps: Sequence[int] | None = None):
+        """`timesteps`: the DDIM sampler's own (a searched schedule's) instead of the config's
+        grid."""
         self.network = network
         self.diffusion = diffusion
+        self.sampling = sampling
         self.method = sampling.method
-        self.timesteps = samplers.sampling_timesteps(
-            sampling.method, diffusion.num_timesteps, sampling.num_steps, sampling.spacing)
+        if timesteps is None:
+            self.timesteps = samplers.sampling_timesteps(
+                sampling.method, diffusion.num_timesteps, sampling.num_steps, sampling.spacing)
+        elif sampling.method != "ddim":
+            raise ValueError(f"only the DDIM sampler visits chosen timesteps; the config samples "
+                             f"with {sampling.method}")
+        else:
+            self.timesteps = np.asarray(timesteps, np.int64)
         self.eta = sampling.eta
         self.variance = sampling.variance
         self.clip_denoised = sampling.clip_denoised
@@ -81,13 +91,30 @@ class ScheduleSampler:
     def uniform(self, width_index: int) -> np.ndarray:
         return np.full((self.num_steps,), width_index, np.int32)
 
+    def for_schedule(self, width_schedule: WidthSchedule) -> ScheduleSampler:
+        """The sampler that runs `width_schedule`: this one, or where the search also chose the
+        timesteps, one on the schedule's own."""
+        return self.with_timesteps(width_schedule.timesteps if width_schedule.timesteps_searched
+                                   else None)
+
+    def with_timesteps(self, timesteps: Sequence[int] | None) -> ScheduleSampler:
+        """This sampler on other timesteps (None or the same: this one)."""
+        if timesteps is None or list(timesteps) == list(self.timesteps):
+            return self
+        return ScheduleSampler(self.network, self.diffusion, self.sampling, timesteps=timesteps)
+
     def to_indices(self, width_schedule: WidthSchedule) -> np.ndarray:
         """A schedule file's widths as this network's indices, checked against this sampler."""
         return width_schedule.indices_for(self.network.widths, self.method, self.timesteps)
 
-    def to_width_schedule(self, schedule: Sequence[int], **figures) -> WidthSchedule:
+    def to_width_schedule(self, schedule: Sequence[int], timesteps: Sequence[int] | None = None,
+                          **figures) -> WidthSchedule:
+        """`timesteps`: where the search chose them (else this sampler's)."""
+        if timesteps is not None:
+            figures = {**figures, "timesteps_searched": True}
         return WidthSchedule(self.network.widths, tuple(int(i) for i in schedule),
-                             tuple(int(t) for t in self.timesteps), self.method, figures)
+                             tuple(int(t) for t in (self.timesteps if timesteps is None
+                                                    else timesteps)), self.method, figures)
 
 
 def initial_noise(key: jax.Array, num_samples: int, image_shape: tuple[int, ...]) -> jax.Array:

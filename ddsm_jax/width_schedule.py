@@ -46,13 +46,24 @@ class WidthSchedule:
         return len(self.schedule)
 
     @property
+    def timesteps_searched(self) -> bool:
+        """Whether the search chose the timesteps too (then they need not be the config's)."""
+        return bool(self.figures.get("timesteps_searched", False))
+
+    @property
     def width_per_step(self) -> np.ndarray:
         return np.asarray(self.widths)[list(self.schedule)]
 
     def indices_for(self, network_widths: Sequence[float], sampler: str,
                     timesteps: Sequence[int]) -> np.ndarray:
         """This schedule as indices into `network_widths`, checked against the sampler it runs on."""
-        if sampler != self.sampler or list(timesteps) != list(self.timesteps):
+        if self.timesteps_searched:  # its own timesteps: the config fixes their number
+            if sampler != self.sampler or len(timesteps) != self.num_steps:
+                raise ScheduleError(
+                    f"the schedule chose {self.num_steps} timesteps for the {self.sampler} "
+                    f"sampler, but the config samples with {sampler} and {len(timesteps)} steps; "
+                    f"set --config.sampling.method/num_steps to match")
+        elif sampler != self.sampler or list(timesteps) != list(self.timesteps):
             raise ScheduleError(
                 f"the schedule was made for the {self.sampler} sampler with {self.num_steps} steps, "
                 f"but the config samples with {sampler} and {len(timesteps)} steps; set "

@@ -94,8 +94,11 @@ def test_population_sampling_stays_on_device_and_compiles_once_per_shape(setup):
         for _ in range(2):
             population_sampler(params, population(), noise, key)
     assert warm.count == 0, f"recompiled after warm-up: {dict(warm.by_name)}"
-    plan = plan_evaluation(population(), population_sampler.num_shards)
-    args = [population_sampler.place(a) for a in (plan.schedules, plan.representative)]
+    candidates = population()
+    plan = plan_evaluation(population_sampler.prefix_codes(candidates),
+                           population_sampler.num_shards)
+    rows = population_sampler.step_rows(candidates)[plan.order]
+    args = [population_sampler.place(a) for a in (rows, plan.representative)]
     initial = population_sampler._broadcast(noise, len(plan.order))
     _assert_no_host_callbacks(population_sampler._run, params, *args, initial, key)
     with jax.transfer_guard_device_to_host("disallow"):

@@ -98,7 +98,7 @@ def test_children_started_from_kept_parent_states_give_bitwise_the_same_samples(
     # Kept states of steps a child skipped come from its parent: every one is exact.
     cache.add(children, resumed.kept)
     for row, states in zip(children, fresh.kept):
-        np.testing.assert_array_equal(cache._states[row.tobytes()], states)
+        np.testing.assert_array_equal(cache._states[row.astype(np.int64).tobytes()], states)
 
 
 def test_keep_steps_fit_the_memory_budget():
@@ -106,3 +106,34 @@ def test_keep_steps_fit_the_memory_budget():
     assert keep_steps_for_budget(20, 16, 2**20, 32 * 19) == tuple(range(19))
     spread = keep_steps_for_budget(1000, 50, 2**20, 100 * 10)
     assert len(spread) == 10 and spread[0] == 0 and spread[-1] == 998
+
+
+def test_candidates_on_their_own_timesteps_share_only_what_is_really_shared(setup):
+    """Where the search chooses timesteps, a step's result depends on its width, its timestep
+    and where it goes (the next timestep): prefixes are shared exactly that far, bitwise."""
+    sampler, params, noise, key = setup
+    widths = np.array([[0, 0, 0, 1, 1, 1],
+                       [0, 0, 0, 1, 1, 1],   # same widths, its 4th timestep differs
+                       [0, 0, 0, 1, 1, 1],   # the config's grid
+                       [2, 1, 0, 3, 2, 1]], np.int32)
+    timesteps = np.array([[900, 700, 500, 300, 100, 0],
+                          [900, 700, 500, 250, 100, 0],
+                          sampler.timesteps,
+                          [990, 800, 420, 200, 50, 3]], np.int32)
+    population_sampler = PopulationSampler(sampler, Mesh(np.asarray(jax.devices()[:1]), ("pop",)))
+    codes = population_sampler.prefix_codes(widths, timesteps)
+    # Step 2 of the first two goes to 300 vs 250: they agree on steps 0 and 1 only.
+    np.testing.assert_array_equal(codes[0] == codes[1], [True, True, False, False, True, True])
+    shared = population_sampler(params, widths, noise, key, timesteps=timesteps)
+    separate = population_sampler(params, widths, noise, key, timesteps=timesteps,
+                                  share_prefixes=False)
+    assert shared.plan.network_evaluations == separate.plan.network_evaluations - 2
+    np.testing.assert_array_equal(shared.samples, separate.samples)
+    for k in (1, 3):
+        plain = np.asarray(sampler.with_timesteps(timesteps[k])(params, widths[k], noise, key))
+        np.testing.assert_allclose(shared.samples[k], plain, rtol=1e-5, atol=1e-5)
+    # On the config's grid, explicit timesteps are the default ones.
+    np.testing.assert_array_equal(
+        shared.samples[2], population_sampler(params, widths[2:3], noise, key).samples[0])
+    with pytest.raises(ValueError, match="descend"):
+        population_sampler(params, widths[:1], noise, key, timesteps=timesteps[:1, ::-1])

@@ -8,7 +8,7 @@ import pytest
 
 from ddsm_jax.diffusion.schedules import diffusion_from_config
 from ddsm_jax.models.network import init_network
-from ddsm_jax.sampling import ScheduleSampler
+from ddsm_jax.sampling import ScheduleSampler, sample_in_batches, stream_draws
 from ddsm_jax.search import branch_seconds, surrogate
 from ddsm_jax.search.search import EvolutionarySearch, SearchError
 from ddsm_jax.utils.files import write_json
@@ -232,3 +232,75 @@ def test_a_surrogate_search_samples_half_the_children(tmp_path, model, digits_cl
     assert all(h["naive_evaluations"] == 8 * 6 for h in history)  # every bred child counts
     assert schedule.figures["network_evaluations"] < schedule.figures[
         "naive_network_evaluations"] * (8 + 4 + 4) / (3 * 8)
+
+
+def test_a_search_of_timesteps_and_widths_runs_to_an_export_that_samples_on_them(
+        tmp_path, model, digits_classifier):
+    """`search.timesteps=searched`: every genome is 6 widths then 6 descending timesteps; the
+    uniform widths on the config's grid are the baselines; the chosen schedule, the validated
+    front and the export carry the timesteps, and sampling runs on them."""
+    from ddsm_jax import export
+    from ddsm_jax.eval.evaluate import evaluate
+
+    config = search_config(generations=2)
+    config.search.timesteps = "searched"
+    config.search.objective = "budget"
+    config.search.macs_budget = 0.5
+    config.search.surrogate_keep = 0.5
+    network, diffusion, params = model
+    grid = ScheduleSampler(network, diffusion, config.sampling).timesteps
+    schedule = run_search(config, tmp_path, model, digits_classifier)
+    state = json.loads((tmp_path / "search" / "state.json").read_text())
+    genomes = np.array([[int(g) for g in key.split(",")] for key in state["archive"]])
+    assert genomes.shape == (16, 12) and np.all(np.diff(genomes[:, 6:], axis=1) < 0)
+    for i in range(4):
+        assert ",".join(map(str, [i] * 6 + grid.tolist())) in state["validation"]["scores"]
+    assert len({tuple(g[6:]) for g in genomes}) > 4  # the timesteps really vary
+    assert schedule.timesteps_searched and schedule.figures["macs_ratio"] <= 0.5
+    assert list(schedule.timesteps) == sorted(schedule.timesteps, reverse=True)
+    reloaded = load_schedule(tmp_path / "search" / "schedule.json")
+    assert reloaded == schedule
+    sampler = ScheduleSampler(network, diffusion, config.sampling)
+    np.testing.assert_array_equal(sampler.for_schedule(schedule).timesteps, schedule.timesteps)
+    with pytest.raises(ValueError, match="6 timesteps"):
+        schedule.indices_for(network.widths, "ddim", grid[:5])
+    # Evaluation runs the schedule on its own timesteps, priced as the search priced it.
+    config.eval.num_samples = 16
+    metrics = evaluate(config, tmp_path, network, diffusion, params, schedule=schedule,
+                       progress=False)
+    assert metrics["schedule"]["macs_ratio"] == pytest.approx(schedule.figures["macs_ratio"])
+    # The export offers every validated schedule on its timesteps, and samples on them (here
+    # a schedule on a grid of its own: the search's choice may be on the config's).
+    validated = json.loads((tmp_path / "search" / "pareto.json").read_text())["validated"]
+    assert all(len(v["timesteps"]) == 6 for v in validated)
+    own = sampler.to_width_schedule([0, 0, 1, 2, 3, 3], (900, 700, 500, 300, 100, 0), fd=50.0)
+    path = export.save(tmp_path / "export", config, params, own,
+                       front=export.build_front(config, network, params, sampler, own, validated))
+    loaded = export.load(path)
+    assert loaded.choose().timesteps == (900, 700, 500, 300, 100, 0)
+    assert {m.timesteps for m in loaded.front} > {None, (900, 700, 500, 300, 100, 0)}
+    full = next(m for m in loaded.front if m.macs_ratio == 1.0)
+    assert full.timesteps is None  # the config's grid
+    images = loaded.sample(4, seed=3)
+    on_own = sampler.for_schedule(own)
+    direct = sample_in_batches(on_own, params, on_own.to_indices(own),
+                               *stream_draws(jax.random.key(3), 4, network.image_shape),
+                               batch_size=config.sampling.batch_size)
+    np.testing.assert_allclose(images, direct, atol=1e-5)
+    on_grid = loaded.sample(4, seed=3, schedule=np.array([0, 0, 1, 2, 3, 3]))
+    assert np.abs(on_grid - images).max() > 1e-3  # the same widths on other timesteps
+
+
+def test_searched_timesteps_are_refused_where_they_cannot_apply(model):
+    from ddsm_jax.search.scorer import check_timesteps_searchable
+    from tests.test_multi_decoder import multistage_config
+
+    network, diffusion, _ = model
+    config = search_config()
+    config.sampling.method = "ddpm"
+    with pytest.raises(ValueError, match="sampling.method=ddim"):
+        check_timesteps_searchable(config, network, diffusion)
+    config = multistage_config()
+    multistage, _ = init_network(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="multi-stage"):
+        check_timesteps_searchable(config, multistage, diffusion_from_config(config.diffusion))

@@ -1,5 +1,7 @@
 """Genetic operators and objectives of the schedule search (pure numpy, fast)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,53 @@ def test_shortlist_takes_the_best_or_the_front_around_the_choice():
     np.testing.assert_array_equal(front, [2, 6, 1])
     assert len(objectives.shortlist("pareto", fd, ratio, ratio, 10, full_fd=10.0,
                                     fd_tolerance=0.05)) == 5
+
+
+def _space(num_widths=4, num_steps=10, num_timesteps=1000):
+    ops = genome.Operators(num_widths=num_widths, num_steps=num_steps)
+    grid = np.arange(0, num_timesteps, num_timesteps // num_steps)[::-1]
+    return genome.GenomeSpace(ops, grid, num_timesteps)
+
+
+def _valid_timesteps(timesteps, num_timesteps=1000):
+    return (np.all(np.diff(timesteps) < 0) and timesteps.min() >= 0
+            and timesteps.max() < num_timesteps)
+
+
+def test_descending_timesteps_repairs_to_distinct_descending_steps_in_range():
+    for raw in ([5, 5, 5, 5], [-3, 2000, 7, 7], [0, 0, 0, 0], [999, 999, 998, 1]):
+        fixed = genome.descending_timesteps(np.array(raw), 1000)
+        assert _valid_timesteps(fixed), (raw, fixed)
+    np.testing.assert_array_equal(genome.descending_timesteps(np.array([3, 9, 1]), 10), [9, 3, 1])
+    np.testing.assert_array_equal(genome.descending_timesteps(np.array([0, 0, 0]), 10), [2, 1, 0])
+
+
+def test_joint_genomes_stay_valid_under_every_operator():
+    space, rng = _space(), np.random.default_rng(0)
+    population = space.initial_population(rng, 16, num_piecewise=6)
+    assert population.shape == (16, 20) and len({r.tobytes() for r in population}) == 16
+    for i in range(4):  # the uniform widths on the sampler's grid: the baselines
+        np.testing.assert_array_equal(population[i], np.concatenate([np.full(10, i), space.grid]))
+    moved = 0
+    for _ in range(300):
+        a, b = population[rng.integers(16, size=2)]
+        child = space.mutate(rng, space.crossover(rng, a, b))
+        widths, timesteps = space.split(child)
+        assert _valid_timesteps(timesteps) and widths.min() >= 0 and widths.max() < 4
+        moved += not np.isin(timesteps, np.concatenate([space.split(a)[1],
+                                                         space.split(b)[1]])).all()
+    assert moved > 100  # the timesteps really are searched
+
+
+def test_joint_crossover_inherits_whole_steps():
+    space = _space()
+    ops = dataclasses.replace(space.ops, crossover_rate=1.0)
+    space = dataclasses.replace(space, ops=ops)
+    rng = np.random.default_rng(1)
+    a = space.join(np.zeros(10, np.int32), np.arange(900, -1, -100))
+    b = space.join(np.full(10, 3, np.int32), np.arange(950, 49, -100))
+    for _ in range(50):
+        widths, timesteps = space.split(space.crossover(rng, a, b))
+        from_b = widths == 3  # a step taken from b brings its timestep with it
+        np.testing.assert_array_equal(timesteps[from_b], space.split(b)[1][from_b])
+        np.testing.assert_array_equal(timesteps[~from_b], space.split(a)[1][~from_b])

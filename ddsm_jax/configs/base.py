@@ -187,6 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The fraction of each generation's children sampled: those a surrogate (ridge regression
     # of log FD on the width of every step, fitted to every schedule scored) ranks best; 1: all.
     config.search.surrogate_keep = 1.0
+    # 'fixed': widths on the sampler's timesteps (the paper's); 'searched': each schedule also
+    # chooses which sampling.num_steps of the T timesteps DDIM visits (genome: widths, then
+    # timesteps; the uniform widths on the config's grid stay in as the baselines).
+    config.search.timesteps = "fixed"
     # The best of many noisy scores is optimistic: the shortlist is scored again, with full width,
     # on fresh noise and more samples, and the choice is made on those scores (0 = don't).
     config.search.validation_samples = 10000

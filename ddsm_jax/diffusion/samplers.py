@@ -74,21 +74,22 @@ def _ddpm_log_variance(diffusion: Diffusion, variance: str) -> jax.Array:
 
 
 StepUpdate = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# `transition(x, eps, t, t_prev, step, key) -> x_prev`: one step from timestep t to t_prev (-1:
+# the end); `step` keys the step's noise.
+Transition = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                      jax.Array]
 
 
-def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta: float = 0.0,
-                variance: str = "fixedlarge", clip_denoised: bool = False) -> StepUpdate:
-    """`update(x, eps, step, key) -> x_prev`: sampling step `step` (an index into `timesteps`)
-    given the denoiser's output. The samplers below and the search's population evaluator both
-    build their loops from it, so a searched schedule is scored by exactly the sampler it runs on.
-    """
-    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
-    t_of = jnp.asarray(timesteps)
+def transition(diffusion: Diffusion, *, method: str, eta: float = 0.0,
+               variance: str = "fixedlarge", clip_denoised: bool = False) -> Transition:
+    """The update of the images from t to t_prev given the denoiser's output, with the
+    timesteps as values: the search that also chooses the timesteps runs each candidate's own.
+    DDPM always goes to t - 1 and ignores t_prev."""
     if method == "ddpm":
         log_variance = _ddpm_log_variance(diffusion, variance)
 
-        def update(x, eps, step, key):
-            t = t_of[step]
+        def ddpm(x, eps, t, t_prev, step, key):
+            del t_prev
             t_batch = jnp.full((x.shape[0],), t, dtype=jnp.int32)
             x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
             if clip_denoised:
@@ -98,12 +99,10 @@ def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta
             noise = _step_noise(key, step, x.shape)
             return mean + jnp.where(t > 0, 1.0, 0.0) * std * noise
 
-        return update
+        return ddpm
     if method == "ddim":
-        t_prev_of = jnp.asarray(np.append(timesteps[1:], -1).astype(np.int32))  # -1: the end
 
-        def update(x, eps, step, key):
-            t, t_prev = t_of[step], t_prev_of[step]
+        def ddim(x, eps, t, t_prev, step, key):
             t_batch = jnp.full((x.shape[0],), t, dtype=jnp.int32)
             x0 = predict_x0_from_eps(diffusion, x, t_batch, eps)
             if clip_denoised:
@@ -115,8 +114,33 @@ def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta
             noise = _step_noise(key, step, x.shape)
             return jnp.sqrt(a_prev) * x0 + direction * eps + sigma * noise
 
-        return update
+        return ddim
     raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
+
+
+def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
+    """Each sampling step's destination: the next visited timestep, -1 after the last."""
+    timesteps = np.asarray(timesteps)
+    return np.concatenate([timesteps[..., 1:], np.full((*timesteps.shape[:-1], 1), -1)],
+                          axis=-1).astype(np.int32)
+
+
+def step_update(diffusion: Diffusion, *, method: str, timesteps: np.ndarray, eta: float = 0.0,
+                variance: str = "fixedlarge", clip_denoised: bool = False) -> StepUpdate:
+    """`update(x, eps, step, key) -> x_prev`: sampling step `step` (an index into `timesteps`)
+    given the denoiser's output. The samplers below and the search's population evaluator both
+    build their loops from `transition`, so a searched schedule is scored by exactly the sampler
+    it runs on.
+    """
+    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
+    move = transition(diffusion, method=method, eta=eta, variance=variance,
+                      clip_denoised=clip_denoised)
+    t_of, t_prev_of = jnp.asarray(timesteps), jnp.asarray(previous_timesteps(timesteps))
+
+    def update(x, eps, step, key):
+        return move(x, eps, t_of[step], t_prev_of[step], step, key)
+
+    return update
 
 
 def _scan_sample(eps_fns: tuple[EpsFn, ...], update: StepUpdate, timesteps: np.ndarray,

@@ -72,12 +72,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
     entries = [("full", sampler, sampler.uniform(0), params)]
     entries += [(f"uniform {w}", sampler, sampler.uniform(i), params)
                 for i, w in enumerate(network.widths) if i]
-    if schedule is not None:
-        entries.append(("schedule", sampler, sampler.to_indices(schedule), params))
+    if schedule is not None:  # on its own timesteps where the search chose them
+        schedule_sampler = sampler.for_schedule(schedule)
+        entries.append(("schedule", schedule_sampler, schedule_sampler.to_indices(schedule),
+                        params))
     full_macs = prices.reference * sampler.num_steps  # every ratio: of full width, all steps
     ratios = [*BASELINE_RATIOS]
     if schedule is not None:
-        ratios.append(prices(sampler.to_indices(schedule))["macs_ratio"])
+        ratios.append(SchedulePrices.of(network, params, schedule_sampler.timesteps, config)(
+            entries[-1][2])["macs_ratio"])
     base_network, base_params = baseline or (network, params)
     base_prices = SchedulePrices.of(base_network, base_params, sampler.timesteps, config)
     per_step = base_prices(sampler.uniform(0))["macs_ratio"]  # its full rule's, at all steps
@@ -137,7 +140,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         "full": results["full"],
         "uniform": {name.split()[1]: value for name, value in results.items()
                     if name.startswith("uniform")},
-        **({"schedule": results["schedule"]} if schedule is not None else {}),
+        **({"schedule": {**results["schedule"], **(
+            {"timesteps": list(schedule.timesteps)} if schedule.timesteps_searched else {})}}
+           if schedule is not None else {}),
         "fewer_steps": {name.split()[1]: value for name, value in results.items()
                         if name.startswith("fewer")},
         "fewer_steps_of": baseline_label,

@@ -126,18 +126,114 @@ def mutate(rng: np.random.Generator, ops: Operators, genome: np.ndarray) -> np.n
 
 
 def unique_rows(population: np.ndarray, rng: np.random.Generator, num_widths: int,
-                seen: set[bytes] | None = None, repair: Repair = no_repair) -> np.ndarray:
+                seen: set[bytes] | None = None, repair: Repair = no_repair,
+                space: GenomeSpace | None = None) -> np.ndarray:
     """Replaces duplicates (within the population or of `seen`) by mutated (and repaired)
-    copies."""
+    copies; `space`: where genomes hold more than widths, how to mutate and draw them."""
     seen = set() if seen is None else set(seen)
     rows = []
     ops = Operators(num_widths, population.shape[1])
     for row in population:
         candidate, attempts = row.astype(np.int32), 0
         while candidate.tobytes() in seen and attempts < 100:
-            candidate, attempts = repair(mutate(rng, ops, candidate)), attempts + 1
+            varied = space.mutate(rng, candidate) if space else mutate(rng, ops, candidate)
+            candidate, attempts = repair(varied), attempts + 1
             if attempts > 10:  # tiny search spaces: fall back to a random genome
-                candidate = repair(rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32))
+                candidate = repair(space.random(rng) if space else
+                                   rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32))
         seen.add(candidate.tobytes())
         rows.append(candidate)
     return np.stack(rows)
+
+
+# -- timesteps and widths together ------------------------------------------------------------
+# A genome of `search.timesteps=searched` is the widths of the K steps, then the K timesteps
+# they run at (descending). A step's gene is the pair: crossover cuts both halves at the same
+# steps, so a child inherits whole (width, timestep) steps.
+
+
+def descending_timesteps(timesteps: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """The nearest strictly descending sequence of distinct timesteps in [0, num_timesteps)."""
+    ts = np.sort(np.asarray(timesteps, np.int64))[::-1].copy()
+    count = ts.size
+    ts = np.clip(ts, count - 1 - np.arange(count), num_timesteps - 1 - np.arange(count))
+    for i in range(1, count):
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    return ts.astype(np.int32)
+
+
+def spaced_timesteps(rng: np.random.Generator, num_steps: int, num_timesteps: int,
+                     first_at_least: int) -> np.ndarray:
+    """A random grid t_i = t_0 ((K-1-i)/(K-1))^p: p = 1 spaces the steps evenly, p > 1 puts
+    more of them near the data (DDIM's quadratic spacing is p = 2), p < 1 near the noise."""
+    first = int(rng.integers(first_at_least, num_timesteps))
+    power = float(rng.uniform(0.6, 2.5))
+    fractions = (np.arange(num_steps - 1, -1, -1) / max(num_steps - 1, 1)) ** power
+    return descending_timesteps(np.round(first * fractions), num_timesteps)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenomeSpace:
+    """Where the search chooses the timesteps too: the joint genome's operators."""
+
+    ops: Operators
+    grid: np.ndarray  # the sampler's timesteps: the uniform schedules' (the baselines)
+    num_timesteps: int
+    timestep_rate: float | None = None  # chance that a step's timestep moves; default per_gene
+    warp_rate: float = 0.2  # chance that the whole grid's spacing is bent
+
+    def split(self, genome: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return genome[:self.ops.num_steps], genome[self.ops.num_steps:]
+
+    def join(self, widths: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        return np.concatenate([widths, timesteps]).astype(np.int32)
+
+    def random_timesteps(self, rng: np.random.Generator) -> np.ndarray:
+        return spaced_timesteps(rng, self.ops.num_steps, self.num_timesteps, int(self.grid[0]))
+
+    def random(self, rng: np.random.Generator) -> np.ndarray:
+        widths = rng.integers(0, self.ops.num_widths, size=self.ops.num_steps)
+        return self.join(widths, self.random_timesteps(rng))
+
+    def crossover(self, rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        steps = self.ops.num_steps
+        child = crossover(rng, self.ops, a.reshape(2, steps), b.reshape(2, steps)).reshape(-1)
+        widths, timesteps = self.split(child)
+        return self.join(widths, descending_timesteps(timesteps, self.num_timesteps))
+
+    def mutate(self, rng: np.random.Generator, genome: np.ndarray) -> np.ndarray:
+        """The widths' mutations, then each timestep moved within its neighbours, and now and
+        then the spacing of the whole grid bent (t -> t_0 (t / t_0)^q)."""
+        widths, timesteps = self.split(genome)
+        widths = mutate(rng, self.ops, widths)
+        ts = timesteps.astype(np.int64).copy()
+        rate = self.ops.per_gene if self.timestep_rate is None else self.timestep_rate
+        for i in np.flatnonzero(rng.random(ts.size) < rate):
+            above = self.num_timesteps if i == 0 else ts[i - 1]
+            below = -1 if i == ts.size - 1 else ts[i + 1]
+            if above - below > 2:
+                ts[i] = rng.integers(below + 1, above)
+        if rng.random() < self.warp_rate and ts[0] > 0:
+            bent = ts[0] * (ts / ts[0]) ** rng.uniform(0.75, 1.33)
+            ts = np.round(bent).astype(np.int64)
+        return self.join(widths, descending_timesteps(ts, self.num_timesteps))
+
+    def initial_population(self, rng: np.random.Generator, size: int, num_piecewise: int,
+                           repair: Repair = no_repair) -> np.ndarray:
+        """Every uniform width on the sampler's grid (the baselines), then staircases and random
+        widths on random grids."""
+        num_widths, num_steps = self.ops.num_widths, self.ops.num_steps
+        uniform = [self.join(w, self.grid) for w in uniform_schedules(num_widths, num_steps)]
+        rows = []
+        while len(rows) < min(size - num_widths, num_piecewise):
+            widths = piecewise_schedule(rng, num_widths, num_steps,
+                                        narrowing=len(rows) % 2 == 0)
+            rows.append(repair(self.join(widths, self.random_timesteps(rng))))
+        while len(rows) < size - num_widths:
+            rows.append(repair(self.random(rng)))
+        uniform = np.stack(uniform)[:size]
+        if not rows:
+            return uniform
+        seen = {row.tobytes() for row in uniform}
+        return np.concatenate([uniform, unique_rows(np.stack(rows), rng, num_widths, seen=seen,
+                                                    repair=repair, space=self)])

@@ -5,11 +5,13 @@ each step, so candidates differ only through their schedules. Two consequences:
 
 * candidates are spread over a `pop` device axis with `shard_map`; each device runs its own
   candidates with a scalar `lax.switch`, so only the scheduled width executes;
-* candidates whose schedules agree on the first k steps have identical trajectories for k steps.
-  The population is sorted, so such candidates sit next to each other, and at each step only
-  the first of a run of equal prefixes (its *representative*) calls the network; the others copy
-  its result. That is the same arithmetic on the same inputs, so the samples are bitwise those
-  of evaluating every candidate from scratch;
+* candidates whose schedules agree on the first k steps have identical trajectories for k steps
+  (where each candidate has timesteps of its own: the same width, timestep and next timestep
+  at each of those steps, `prefix_codes`). The population is sorted, so such candidates sit
+  next to each other, and at each step only the first of a run of equal prefixes (its
+  *representative*) calls the network; the others copy its result. That is the same
+  arithmetic on the same inputs, so the samples are bitwise those of evaluating every
+  candidate from scratch;
 * a candidate can also start part-way: from a state kept (`keep_steps`) when an earlier
   generation ran a schedule with the same prefix. Children share long prefixes with their
   parents, so the search skips those steps too (`TrajectoryCache`).
@@ -27,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddsm_jax.common_types import Params
+from ddsm_jax.diffusion import samplers
 from ddsm_jax.sampling import ScheduleSampler
 
 
@@ -35,7 +38,8 @@ class EvaluationPlan:
     """Which candidate computes which step, for a population laid out over `num_shards` devices.
 
     `order` sorts the population (padded to a multiple of the shards with copies of the last
-    candidate); `schedules[k]` is the k-th sorted candidate; `representative[k, i]` is the index,
+    candidate); `schedules[k]` is the k-th sorted candidate's row (its widths, or the
+    `prefix_codes` of its steps); `representative[k, i]` is the index,
     local to k's shard, of the candidate whose step-i result k uses (k itself when it computes),
     or SKIP before `starts[k]`, the steps k's initial state has already been through.
     """
@@ -63,7 +67,7 @@ def plan_evaluation(population: np.ndarray, num_shards: int = 1, *, share_prefix
                     starts: np.ndarray | None = None) -> EvaluationPlan:
     """Sorts the population and marks the shared prefixes inside each device's block;
     `starts[k]` steps of candidate k are skipped (it starts from a kept state)."""
-    population = np.asarray(population, np.int32)
+    population = np.asarray(population, np.int64)
     chex.assert_rank(population, 2)
     count, num_steps = population.shape
     starts = np.zeros(count, np.int32) if starts is None else np.asarray(starts, np.int32)
@@ -105,7 +109,10 @@ class PopulationSamples:
 
 
 class PopulationSampler:
-    """Samples of every candidate of a population from shared noise; see the module doc."""
+    """Samples of every candidate of a population from shared noise; see the module doc.
+
+    A candidate is a width index per step, run on the sampler's timesteps or, where the search
+    chooses them too, on its own (`timesteps`, one descending row per candidate)."""
 
     def __init__(self, sampler: ScheduleSampler, mesh: Mesh | None = None,
                  keep_steps: tuple[int, ...] = ()):
@@ -115,7 +122,10 @@ class PopulationSampler:
         if any(not 0 <= i < sampler.num_steps for i in keep_steps):
             raise ValueError(f"keep_steps {keep_steps} must lie in [0, {sampler.num_steps})")
         self.keep_steps = tuple(sorted(set(keep_steps)))
-        self.update = sampler.step_update()
+        sampling = sampler.sampling
+        self.move = samplers.transition(sampler.diffusion, method=sampler.method,
+                                        eta=sampling.eta, variance=sampling.variance,
+                                        clip_denoised=sampling.clip_denoised)
         replicated, split = P(), P("pop")
         self._run = jax.jit(jax.shard_map(
             self._local, mesh=self.mesh, in_specs=(replicated, split, split, split, replicated),
@@ -123,31 +133,54 @@ class PopulationSampler:
         self._broadcast = jax.jit(lambda x, count: jnp.broadcast_to(x, (count, *x.shape)),
                                   static_argnums=1, out_shardings=NamedSharding(self.mesh, split))
 
-    def _local(self, params: Params, schedules: jax.Array, representative: jax.Array,
+    def step_rows(self, population: np.ndarray,
+                  timesteps: np.ndarray | None = None) -> np.ndarray:
+        """(P, steps, 3): each candidate's branch (its step's stage block and width), timestep
+        and destination timestep at every step: all a step's result depends on."""
+        population = np.asarray(population, np.int32)
+        chex.assert_shape(population, (None, self.sampler.num_steps))
+        if timesteps is None:
+            timesteps = np.broadcast_to(self.sampler.timesteps, population.shape)
+        timesteps = np.asarray(timesteps, np.int32)
+        chex.assert_equal_shape([population, timesteps])
+        if timesteps.shape[0] and (np.any(np.diff(timesteps, axis=1) >= 0) or timesteps.min() < 0
+                                   or timesteps.max() >= self.sampler.diffusion.num_timesteps):
+            raise ValueError("each candidate's timesteps must descend within "
+                             f"[0, {self.sampler.diffusion.num_timesteps})")
+        stages = self.sampler.network.stages_of(timesteps.ravel()).reshape(timesteps.shape)
+        branches = stages * len(self.sampler.network.widths) + population
+        return np.stack([branches, timesteps, samplers.previous_timesteps(timesteps)], axis=-1)
+
+    def prefix_codes(self, population: np.ndarray,
+                     timesteps: np.ndarray | None = None) -> np.ndarray:
+        """(P, steps) integers, equal on a candidate's first k steps exactly where two
+        candidates' states after k steps are: what shared prefixes and kept states key on."""
+        rows = self.step_rows(population, timesteps).astype(np.int64)
+        num_t = self.sampler.diffusion.num_timesteps + 1
+        return ((rows[..., 0] * num_t + rows[..., 1]) * num_t + rows[..., 2] + 1)
+
+    def _local(self, params: Params, rows: jax.Array, representative: jax.Array,
                initial: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One device's block: steps outside, candidates inside, each one `switch`, a copy or
         (before its start) nothing."""
-        network = self.sampler.network
-        eps_fns = network.branch_fns(params)
-        # Each step's first branch: its stage's block of widths (all 0 for one network).
-        first_branch = jnp.asarray(self.sampler.branch_ids(np.zeros(schedules.shape[1])))
-        num_local = schedules.shape[0]
-        t_of = jnp.asarray(self.sampler.timesteps, jnp.int32)
-        slot_of = np.full(schedules.shape[1], -1, np.int32)
+        eps_fns = self.sampler.network.branch_fns(params)
+        num_local, num_steps = rows.shape[:2]
+        slot_of = np.full(num_steps, -1, np.int32)
         slot_of[list(self.keep_steps)] = np.arange(len(self.keep_steps), dtype=np.int32)
         slot_of = jnp.asarray(slot_of)
         kept = jnp.zeros((num_local, len(self.keep_steps), *initial.shape[1:]), initial.dtype)
 
         def step_body(carry, inputs):
             states, kept = carry
-            step, widths, reps = inputs
-            t_batch = jnp.full((initial.shape[1],), t_of[step], jnp.int32)
+            step, step_rows, reps = inputs
 
             def candidate_body(new_states, k):
+                branch, t, t_prev = step_rows[k, 0], step_rows[k, 1], step_rows[k, 2]
+
                 def compute(x, _):
-                    eps = jax.lax.switch(first_branch[step] + widths[k], eps_fns, x,
-                                         t_batch).astype(x.dtype)
-                    return self.update(x, eps, step, key)
+                    t_batch = jnp.full((x.shape[0],), t, jnp.int32)
+                    eps = jax.lax.switch(branch, eps_fns, x, t_batch).astype(x.dtype)
+                    return self.move(x, eps, t, t_prev, step, key)
 
                 # A skipped candidate "copies" its own, not yet updated, state.
                 source = jnp.where(reps[k] == SKIP, k, reps[k])
@@ -162,9 +195,9 @@ class PopulationSampler:
                                     lambda k: k, kept)
             return (new_states, kept), None
 
-        steps = jnp.arange(schedules.shape[1], dtype=jnp.int32)
+        steps = jnp.arange(num_steps, dtype=jnp.int32)
         (final, kept), _ = jax.lax.scan(step_body, (initial, kept),
-                                        (steps, schedules.T, representative.T))
+                                        (steps, jnp.swapaxes(rows, 0, 1), representative.T))
         return jnp.clip(final, -1.0, 1.0), kept
 
     def place(self, per_candidate: np.ndarray) -> jax.Array:
@@ -172,15 +205,15 @@ class PopulationSampler:
         return jax.device_put(per_candidate, NamedSharding(self.mesh, P("pop")))
 
     def __call__(self, params: Params, population: np.ndarray, x_T: jax.Array, key: jax.Array,
-                 *, share_prefixes: bool = True, starts: np.ndarray | None = None,
+                 *, timesteps: np.ndarray | None = None, share_prefixes: bool = True,
+                 starts: np.ndarray | None = None,
                  start_states: np.ndarray | None = None) -> PopulationSamples:
         """Samples in the population's own order; candidate k with `starts[k] > 0` begins from
         `start_states[k]`, the state after its first `starts[k]` steps on this noise."""
-        population = np.asarray(population, np.int32)
-        chex.assert_shape(population, (None, self.sampler.num_steps))
         chex.assert_rank(x_T, 4)
-        plan = plan_evaluation(population, self.num_shards, share_prefixes=share_prefixes,
-                               starts=starts)
+        rows = self.step_rows(population, timesteps)
+        plan = plan_evaluation(self.prefix_codes(population, timesteps), self.num_shards,
+                               share_prefixes=share_prefixes, starts=starts)
         count = plan.num_candidates
         if plan.starts.any():
             chex.assert_shape(start_states, (count, *x_T.shape))
@@ -189,7 +222,7 @@ class PopulationSampler:
             initial = self.place(initial.astype(np.float32))
         else:
             initial = self._broadcast(x_T, len(plan.order))
-        samples, kept = self._run(params, self.place(plan.schedules),
+        samples, kept = self._run(params, self.place(rows[plan.order].astype(np.int32)),
                                   self.place(plan.representative), initial, key)
         unsorted = np.empty((count, *x_T.shape), np.float32)
         unsorted[plan.order[:count]] = np.asarray(samples)[:count]
@@ -198,4 +231,3 @@ class PopulationSampler:
             kept_unsorted = np.empty((count, *kept.shape[1:]), np.float32)
             kept_unsorted[plan.order[:count]] = np.asarray(kept)[:count]
         return PopulationSamples(unsorted, plan, kept_unsorted)
-

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import chex
 import ml_collections
 import numpy as np
 
@@ -59,6 +60,9 @@ class ScheduleScorer:
         self.reference = reference_statistics(config, self.extractor, workdir, progress=progress)
         self.prices = SchedulePrices.of(network, params, self.sampler.timesteps, config)
         self.seconds: SchedulePrices | None = None  # set where the search prices in seconds
+        self.searched_timesteps = search.get("timesteps", "fixed") == "searched"
+        if self.searched_timesteps:
+            check_timesteps_searchable(config, network, diffusion)
         self._draw_noise(config.search.num_samples, Stream.SEARCH)
 
     def _draw_noise(self, num_samples: int, stream: Stream) -> None:
@@ -88,9 +92,32 @@ class ScheduleScorer:
         MACs (of the full U-Net's), or where priced in seconds its measured time."""
         return (self.prices if self.seconds is None else self.seconds).ratios
 
+    @property
+    def genome_length(self) -> int:
+        """A width per step, then where the search chooses them, a timestep per step."""
+        return self.num_steps * (2 if self.searched_timesteps else 1)
+
+    def split(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Genomes -> (widths, timesteps or None: the sampler's)."""
+        population = np.asarray(population, np.int32)
+        chex.assert_shape(population, (None, self.genome_length))
+        if not self.searched_timesteps:
+            return population, None
+        return population[:, :self.num_steps], population[:, self.num_steps:]
+
+    def genome(self, widths: np.ndarray, timesteps: np.ndarray | None = None) -> np.ndarray:
+        """One genome of `widths` on `timesteps` (default: the sampler's grid)."""
+        widths = np.asarray(widths, np.int32)
+        if not self.searched_timesteps:
+            return widths
+        timesteps = self.sampler.timesteps if timesteps is None else timesteps
+        return np.concatenate([widths, np.asarray(timesteps, np.int32)])
+
     def cost(self, population: np.ndarray) -> dict[str, np.ndarray]:
         """Each candidate's exact cost: mean MACs per step, MACs ratio and, where the search is
-        priced in seconds, its predicted time ratio."""
+        priced in seconds, its predicted time ratio. (Where the search chooses the timesteps, the
+        network has one stage: a width costs the same at every timestep.)"""
+        population = self.split(population)[0]
         costs = [self.prices(row) for row in population]
         result = {"macs_mean": np.array([c["macs_mean"] for c in costs]),
                   "macs_ratio": np.array([c["macs_ratio"] for c in costs])}
@@ -100,15 +127,16 @@ class ScheduleScorer:
         return result
 
     def __call__(self, population: np.ndarray) -> Scores:
-        population = np.asarray(population, np.int32)
-        starts, start_states = (self.cache.lookup(population) if self.cache is not None
+        widths, timesteps = self.split(population)
+        codes = self.population_sampler.prefix_codes(widths, timesteps)
+        starts, start_states = (self.cache.lookup(codes) if self.cache is not None
                                 else (None, None))
         result = self.population_sampler(
-            self.params, population, self.noise, self.key,
+            self.params, widths, self.noise, self.key, timesteps=timesteps,
             share_prefixes=self.config.search.share_prefixes, starts=starts,
             start_states=start_states)
         if self.cache is not None:
-            self.cache.add(population, result.kept)
+            self.cache.add(codes, result.kept)
         samples, plan = result.samples, result.plan
         count, per_candidate = samples.shape[:2]
         features = compute_features(self.extractor, samples.reshape(-1, *samples.shape[2:]),
@@ -117,9 +145,25 @@ class ScheduleScorer:
         fd = np.array([self.reference.frechet_distance(f) for f in features])
         costs = self.cost(population)
         return Scores(fd, costs["macs_mean"], costs["macs_ratio"], plan.network_evaluations,
-                      population.size, costs.get("seconds_ratio"))
+                      widths.size, costs.get("seconds_ratio"))
 
     def retain(self, population: np.ndarray) -> None:
         """Keeps the trajectories of `population` only (the parents of the next children)."""
         if self.cache is not None:
-            self.cache.retain(population)
+            self.cache.retain(self.population_sampler.prefix_codes(*self.split(population)))
+
+
+TIMESTEP_CHOICES = ("fixed", "searched")
+
+
+def check_timesteps_searchable(config: ml_collections.ConfigDict, network: Network,
+                               diffusion: Diffusion) -> None:
+    """Raises where `search.timesteps=searched` cannot apply."""
+    if config.sampling.method != "ddim":
+        raise ValueError(f"config.search.timesteps=searched chooses DDIM's timesteps; the config "
+                         f"samples with {config.sampling.method} (set "
+                         f"--config.sampling.method=ddim)")
+    if len(set(network.stages_of(np.arange(diffusion.num_timesteps)).tolist())) > 1:
+        raise ValueError("config.search.timesteps=searched needs one network for every timestep; "
+                         "the multi-stage network ties each timestep to a stage's decoder (use "
+                         "config.search.timesteps=fixed)")

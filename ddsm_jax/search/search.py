@@ -27,7 +27,7 @@ from ddsm_jax.models.network import Network
 from ddsm_jax.provenance import describe_weights
 from ddsm_jax.search import branch_seconds, genome, objectives, surrogate
 from ddsm_jax.search.plots import save_pareto_plot, save_schedule_plot
-from ddsm_jax.search.scorer import ScheduleScorer
+from ddsm_jax.search.scorer import TIMESTEP_CHOICES, ScheduleScorer
 from ddsm_jax.utils.files import read_json, write_json, write_text_atomically
 from ddsm_jax.width_schedule import WidthSchedule
 
@@ -57,7 +57,7 @@ class SearchState:
 
 VALIDATION_SETTINGS = ("validation_samples", "validation_candidates", "validation_front")
 SECONDS_SETTINGS = ("cost", "seconds_budget", "timing_repeats")
-NEUTRAL_SETTINGS = {"surrogate_keep": 1.0}
+NEUTRAL_SETTINGS = {"surrogate_keep": 1.0, "timesteps": "fixed"}
 COSTS = ("macs", "seconds")
 
 
@@ -92,6 +92,10 @@ class EvolutionarySearch:
         if not 0.0 < self.search.get("surrogate_keep", 1.0) <= 1.0:
             raise ValueError(f"config.search.surrogate_keep={self.search.surrogate_keep} must lie "
                              f"in (0, 1]: the fraction of children sampled (1: all)")
+        if self.search.get("timesteps", "fixed") not in TIMESTEP_CHOICES:
+            raise ValueError(f"config.search.timesteps={self.search.timesteps!r}: choose one of "
+                             f"{TIMESTEP_CHOICES} (searched: the DDIM timesteps are chosen "
+                             f"with the widths)")
         if self.search.get("cost", "macs") not in COSTS:
             raise ValueError(f"config.search.cost={self.search.cost!r}: choose one of {COSTS}")
         self.cost = self.search.get("cost", "macs")
@@ -114,6 +118,10 @@ class EvolutionarySearch:
             gene_mutation_rate=self.search.gene_mutation_rate,
             block_mutation_rate=self.search.block_mutation_rate,
             shift_mutation_rate=self.search.shift_mutation_rate)
+        # Where the timesteps are searched too: genome = widths then timesteps, its operators.
+        self.space = (genome.GenomeSpace(self.ops, self.scorer.sampler.timesteps,
+                                         diffusion.num_timesteps)
+                      if self.scorer.searched_timesteps else None)
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
         # Settings at their neutral value are left out, as older states never had them; a
@@ -175,7 +183,8 @@ class EvolutionarySearch:
         keys = list(archive)
         predicted = surrogate.predict_fd(np.stack([_unkey(k) for k in keys]),
                                          np.array([archive[k]["fd"] for k in keys]), children,
-                                         self.ops.num_widths)
+                                         self.ops.num_widths, num_steps=self.ops.num_steps,
+                                         num_timesteps=self.scorer.sampler.diffusion.num_timesteps)
         costs = self.scorer.cost(children)
         order = objectives.ranking(self.search.objective, predicted, costs["macs_mean"],
                                    costs[self._cost_ratio], macs_lambda=self.search.macs_lambda,
@@ -194,21 +203,26 @@ class EvolutionarySearch:
                                     replace=False)
             return population[contenders[np.argmin(position[contenders])]]
 
-        children = [genome.mutate(rng, self.ops, genome.crossover(rng, self.ops, tournament(),
-                                                                   tournament()))
-                    for _ in range(len(population))]
+        if self.space is None:
+            children = [genome.mutate(rng, self.ops, genome.crossover(
+                rng, self.ops, tournament(), tournament())) for _ in range(len(population))]
+        else:
+            children = [self.space.mutate(rng, self.space.crossover(rng, tournament(), tournament()))
+                        for _ in range(len(population))]
         seen = {_unkey(key).tobytes() for key in archive}  # never score a schedule twice
         repair = self._repair(rng)
         children = [repair(child) for child in children]
         return genome.unique_rows(np.stack(children), rng, self.ops.num_widths, seen=seen,
-                                  repair=repair)
+                                  repair=repair, space=self.space)
 
     def _repair(self, rng: np.random.Generator) -> genome.Repair:
         """Under a hard budget, over-budget children are narrowed into it (constraint repair)."""
         if self.search.objective != "budget":
             return genome.no_repair
-        width_cost, budget = self.scorer.width_cost, self._budget
-        return lambda row: genome.fit_budget(rng, row, width_cost, budget)
+        width_cost, budget, steps = self.scorer.width_cost, self._budget, self.ops.num_steps
+        # Only the widths are narrowed (the genome's first `steps` genes; any timesteps follow).
+        return lambda row: np.concatenate([genome.fit_budget(rng, row[:steps], width_cost, budget),
+                                           row[steps:]]).astype(np.int32)
 
     def _record(self, generation: int, population: np.ndarray, archive: dict,
                 work: dict[str, Any]) -> dict[str, Any]:
@@ -257,9 +271,14 @@ class EvolutionarySearch:
         state = self._load_state()
         if state is None:
             rng = np.random.default_rng([self.config.seed, int(Stream.SEARCH)])
-            population = genome.initial_population(
-                rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
-                self.search.num_piecewise, repair=self._repair(rng))
+            if self.space is None:
+                population = genome.initial_population(
+                    rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
+                    self.search.num_piecewise, repair=self._repair(rng))
+            else:
+                population = self.space.initial_population(
+                    rng, self.search.population_size, self.search.num_piecewise,
+                    repair=self._repair(rng))
             archive: dict[str, dict[str, float]] = {}
             if self.progress:
                 print(f"search: scoring {len(population)} seed schedules on "
@@ -320,7 +339,7 @@ class EvolutionarySearch:
             macs_budget=self._budget)]
         front = [keys[i] for i in objectives.spread_front(fd, cost_ratio,
                                                           settings["validation_front"])]
-        uniform = [_key(np.full(self.ops.num_steps, i)) for i in range(self.ops.num_widths)]
+        uniform = [self._uniform_key(i) for i in range(self.ops.num_widths)]
         wanted = list(dict.fromkeys([*uniform, *shortlist, *front]))  # full width first
         if (state.validation is not None and state.validation["settings"] == settings
                 and list(state.validation["scores"]) == wanted):
@@ -335,8 +354,18 @@ class EvolutionarySearch:
                             "scores": {key: scores.entry(i) for i, key in enumerate(wanted)}}
         self._save_state(state)
 
+    def _uniform_key(self, width_index: int) -> str:
+        """Width `width_index` at every step of the sampler's grid."""
+        return _key(self.scorer.genome(np.full(self.ops.num_steps, width_index)))
+
     def _full_key(self) -> str:
-        return _key(np.zeros(self.ops.num_steps, np.int32))
+        return self._uniform_key(0)
+
+    def _schedule_json(self, key: str) -> dict[str, list[int]]:
+        """A genome as pareto.json's fields: `schedule` (widths), and `timesteps` if searched."""
+        widths, timesteps = self.scorer.split(_unkey(key)[None])
+        return {"schedule": widths[0].tolist(),
+                **({"timesteps": timesteps[0].tolist()} if timesteps is not None else {})}
 
     def _full_fd(self, scores: dict) -> float:
         return scores[self._full_key()]["fd"]
@@ -346,9 +375,11 @@ class EvolutionarySearch:
         with the real sampler (alternating with full compute), the check on the prediction."""
         if self.measured_seconds is None:
             return {}
+        widths, timesteps = self.scorer.split(_unkey(key)[None])
+        sampler = self.scorer.sampler.with_timesteps(None if timesteps is None else timesteps[0])
         measured = branch_seconds.measured_ratio(
-            self.scorer.sampler, self.scorer.params, _unkey(key),
-            self.config.sampling.batch_size, self.search.timing_repeats)
+            sampler, self.scorer.params, widths[0], self.config.sampling.batch_size,
+            self.search.timing_repeats)
         return {"cost": "seconds", "seconds_ratio": archive[key]["seconds_ratio"],
                 "measured_seconds_ratio": round(measured, 4),
                 "seconds_measured_on": self.measured_seconds["device"]}
@@ -374,8 +405,10 @@ class EvolutionarySearch:
                        "search_fd": float(fd[chosen]),
                        "search_full_fd": self._full_fd(state.archive)}
                       if state.validation else {})
+        widths, timesteps = self.scorer.split(_unkey(chosen_key)[None])
         schedule = self.scorer.sampler.to_width_schedule(
-            _unkey(chosen_key), macs_mean=state.archive[chosen_key]["macs_mean"],
+            widths[0], None if timesteps is None else timesteps[0],
+            macs_mean=state.archive[chosen_key]["macs_mean"],
             macs_ratio=state.archive[chosen_key]["macs_ratio"], **self._seconds_figures(
                 chosen_key, state.archive), fd=final[chosen_key]["fd"], full_fd=full_fd,
             objective=self.search.objective, generations=state.generation,
@@ -386,15 +419,14 @@ class EvolutionarySearch:
         schedule.save(self.layout.schedule)
         front = np.flatnonzero(objectives.pareto_ranks(fd, cost_ratio) == 0)
         front = front[np.argsort(cost_ratio[front])]
-        uniform = [{"width": w, **state.archive[_key(np.full(self.ops.num_steps, i))]}
+        uniform = [{"width": w, **state.archive[self._uniform_key(i)]}
                    for i, w in enumerate(self.scorer.sampler.network.widths)]
         pareto = {"weights": self.weights,
-                  "front": [{"schedule": _unkey(keys[i]).tolist(), **state.archive[keys[i]]}
+                  "front": [{**self._schedule_json(keys[i]), **state.archive[keys[i]]}
                             for i in front],
                   "uniform": uniform,
-                  "chosen": {"schedule": schedule.to_json()["schedule"],
-                             **state.archive[chosen_key]},
-                  "validated": [{"schedule": _unkey(key).tolist(), **scores,
+                  "chosen": {**self._schedule_json(chosen_key), **state.archive[chosen_key]},
+                  "validated": [{**self._schedule_json(key), **scores,
                                  "search_fd": state.archive[key]["fd"]}
                                 for key, scores in final.items()] if state.validation else []}
         write_json(self.layout.pareto, pareto)

@@ -39,13 +39,13 @@ class TrajectoryCache:
 
     def lookup(self, population: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(starts, start_states): how many steps each candidate can skip, and its state then."""
-        population = np.asarray(population, np.int32)
+        population = np.asarray(population, np.int64)
         prefixes: dict[bytes, tuple[np.ndarray, int]] = {}
         for key, states in self._states.items():
-            row = np.frombuffer(key, np.int32)
+            row = np.frombuffer(key, np.int64)
             for slot, step in enumerate(self.keep_steps):
                 prefixes.setdefault(row[:step + 1].tobytes(), (states, slot))
-        starts = np.zeros(len(population), np.int32)
+        starts = np.zeros(len(population), np.int64)
         found: dict[int, np.ndarray] = {}
         self._parents = {}
         for k, row in enumerate(population):
@@ -68,7 +68,7 @@ class TrajectoryCache:
         A candidate that started part-way never ran its earlier kept steps: those states are its
         parent's (the same prefix), so they are taken from there."""
         steps = np.asarray(self.keep_steps)
-        for row, states in zip(np.asarray(population, np.int32), kept):
+        for row, states in zip(np.asarray(population, np.int64), kept):
             key = row.tobytes()
             if key in self._parents:
                 parent, start = self._parents[key]
@@ -80,7 +80,7 @@ class TrajectoryCache:
 
     def retain(self, population: np.ndarray) -> None:
         """Drops every schedule but `population`'s: only they can be parents from now on."""
-        wanted = {row.tobytes() for row in np.asarray(population, np.int32)}
+        wanted = {row.tobytes() for row in np.asarray(population, np.int64)}
         self._states = {k: v for k, v in self._states.items() if k in wanted}
 
 
