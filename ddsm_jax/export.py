@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +54,7 @@ from ddsm_jax.utils.files import (
     write_text_atomically,
 )
 from ddsm_jax.utils.images import to_uint8
+from ddsm_jax.utils.timing import median_seconds
 from ddsm_jax.width_schedule import WidthSchedule, schedule_from_json
 
 FORMAT, VERSION = "ddsm_jax.export", 2  # version 2 added front.json; version 1 still loads
@@ -344,14 +344,8 @@ def measure_seconds(sampler: ScheduleSampler, params: Params, front: Sequence[Fr
     width's: compiled and warmed up first, then the median of `repeats` runs."""
 
     def seconds(schedule: Sequence[int], timesteps: Sequence[int] | None = None) -> float:
-        run = sampler.with_timesteps(timesteps)
-        jax.block_until_ready(run(params, schedule, noise, key))  # compile, warm up
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(run(params, schedule, noise, key))
-            runs.append(time.perf_counter() - start)
-        return float(np.median(runs))
+        return median_seconds(sampler.with_timesteps(timesteps), params, schedule, noise, key,
+                              repeats=repeats)
 
     full = seconds(sampler.uniform(0))
     return [dataclasses.replace(m, seconds_ratio=round(seconds(m.schedule, m.timesteps) / full, 4))

@@ -25,21 +25,12 @@ from ddsm_jax.layout import Workdir
 from ddsm_jax.models.cost import SchedulePrices
 from ddsm_jax.sampling import ScheduleSampler
 from ddsm_jax.utils.files import read_json, write_json
+from ddsm_jax.utils.timing import median_seconds
 
 
 def device_name() -> str:
     device = jax.devices()[0]
     return f"{device.platform}: {device.device_kind}"
-
-
-def _median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compiled and warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(sampler: ScheduleSampler, params: Params, batch_size: int,
@@ -49,12 +40,12 @@ def measure(sampler: ScheduleSampler, params: Params, batch_size: int,
     network = sampler.network
     x = jax.random.normal(jax.random.key(0), (batch_size, *network.image_shape), jnp.float32)
     t = jnp.full((batch_size,), sampler.timesteps[0], jnp.int32)
-    forward = np.array([[_median_seconds(
+    forward = np.array([[median_seconds(
         jax.jit(functools.partial(network.apply, params, **dict(network.branch(stage, index)))),
         x, t, repeats=repeats) for index in range(len(network.widths))]
         for stage in range(network.num_stages)])
     full = sampler.uniform(0)
-    whole = _median_seconds(sampler, params, full, x, jax.random.key(1), repeats=repeats)
+    whole = median_seconds(sampler, params, full, x, jax.random.key(1), repeats=repeats)
     calls = forward[sampler.stages, 0].sum()  # the network calls of that run
     return {"forward": forward.tolist(),
             "step_overhead": max(0.0, (whole - calls) / sampler.num_steps)}
