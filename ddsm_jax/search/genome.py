@@ -132,15 +132,13 @@ def unique_rows(population: np.ndarray, rng: np.random.Generator, num_widths: in
     copies; `space`: where genomes hold more than widths, how to mutate and draw them."""
     seen = set() if seen is None else set(seen)
     rows = []
-    ops = Operators(num_widths, population.shape[1])
+    space = space or GenomeSpace(Operators(num_widths, population.shape[1]))
     for row in population:
         candidate, attempts = row.astype(np.int32), 0
         while candidate.tobytes() in seen and attempts < 100:
-            varied = space.mutate(rng, candidate) if space else mutate(rng, ops, candidate)
-            candidate, attempts = repair(varied), attempts + 1
+            candidate, attempts = repair(space.mutate(rng, candidate)), attempts + 1
             if attempts > 10:  # tiny search spaces: fall back to a random genome
-                candidate = repair(space.random(rng) if space else
-                                   rng.integers(0, num_widths, size=row.shape[0]).astype(np.int32))
+                candidate = repair(space.random(rng))
         seen.add(candidate.tobytes())
         rows.append(candidate)
     return np.stack(rows)
@@ -174,13 +172,18 @@ def spaced_timesteps(rng: np.random.Generator, num_steps: int, num_timesteps: in
 
 @dataclasses.dataclass(frozen=True)
 class GenomeSpace:
-    """Where the search chooses the timesteps too: the joint genome's operators."""
+    """The search's genomes and their operators: widths alone (`grid` None, the functions
+    above), or where the search chooses the timesteps too, the joint genome."""
 
     ops: Operators
-    grid: np.ndarray  # the sampler's timesteps: the uniform schedules' (the baselines)
-    num_timesteps: int
+    grid: np.ndarray | None = None  # the sampler's timesteps: the uniform schedules' (baselines)
+    num_timesteps: int = 0
     timestep_rate: float | None = None  # chance that a step's timestep moves; default per_gene
     warp_rate: float = 0.2  # chance that the whole grid's spacing is bent
+
+    @property
+    def searches_timesteps(self) -> bool:
+        return self.grid is not None
 
     def split(self, genome: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return genome[:self.ops.num_steps], genome[self.ops.num_steps:]
@@ -192,10 +195,14 @@ class GenomeSpace:
         return spaced_timesteps(rng, self.ops.num_steps, self.num_timesteps, int(self.grid[0]))
 
     def random(self, rng: np.random.Generator) -> np.ndarray:
-        widths = rng.integers(0, self.ops.num_widths, size=self.ops.num_steps)
+        widths = rng.integers(0, self.ops.num_widths, size=self.ops.num_steps).astype(np.int32)
+        if not self.searches_timesteps:
+            return widths
         return self.join(widths, self.random_timesteps(rng))
 
     def crossover(self, rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if not self.searches_timesteps:
+            return crossover(rng, self.ops, a, b)
         steps = self.ops.num_steps
         child = crossover(rng, self.ops, a.reshape(2, steps), b.reshape(2, steps)).reshape(-1)
         widths, timesteps = self.split(child)
@@ -204,6 +211,8 @@ class GenomeSpace:
     def mutate(self, rng: np.random.Generator, genome: np.ndarray) -> np.ndarray:
         """The widths' mutations, then each timestep moved within its neighbours, and now and
         then the spacing of the whole grid bent (t -> t_0 (t / t_0)^q)."""
+        if not self.searches_timesteps:
+            return mutate(rng, self.ops, genome)
         widths, timesteps = self.split(genome)
         widths = mutate(rng, self.ops, widths)
         ts = timesteps.astype(np.int64).copy()
@@ -223,6 +232,8 @@ class GenomeSpace:
         """Every uniform width on the sampler's grid (the baselines), then staircases and random
         widths on random grids."""
         num_widths, num_steps = self.ops.num_widths, self.ops.num_steps
+        if not self.searches_timesteps:
+            return initial_population(rng, size, num_widths, num_steps, num_piecewise, repair)
         uniform = [self.join(w, self.grid) for w in uniform_schedules(num_widths, num_steps)]
         rows = []
         while len(rows) < min(size - num_widths, num_piecewise):

@@ -118,10 +118,10 @@ class EvolutionarySearch:
             gene_mutation_rate=self.search.gene_mutation_rate,
             block_mutation_rate=self.search.block_mutation_rate,
             shift_mutation_rate=self.search.shift_mutation_rate)
-        # Where the timesteps are searched too: genome = widths then timesteps, its operators.
-        self.space = (genome.GenomeSpace(self.ops, self.scorer.sampler.timesteps,
-                                         diffusion.num_timesteps)
-                      if self.scorer.searched_timesteps else None)
+        # The genomes: widths, or where the timesteps are searched too, widths then timesteps.
+        self.space = genome.GenomeSpace(
+            self.ops, self.scorer.sampler.timesteps if self.scorer.searched_timesteps else None,
+            diffusion.num_timesteps)
         # Everything that changes the evolution, except the number of generations: a finished
         # search can be extended by asking for more (validation is redone when it changes).
         # Settings at their neutral value are left out, as older states never had them; a
@@ -203,12 +203,8 @@ class EvolutionarySearch:
                                     replace=False)
             return population[contenders[np.argmin(position[contenders])]]
 
-        if self.space is None:
-            children = [genome.mutate(rng, self.ops, genome.crossover(
-                rng, self.ops, tournament(), tournament())) for _ in range(len(population))]
-        else:
-            children = [self.space.mutate(rng, self.space.crossover(rng, tournament(), tournament()))
-                        for _ in range(len(population))]
+        children = [self.space.mutate(rng, self.space.crossover(rng, tournament(), tournament()))
+                    for _ in range(len(population))]
         seen = {_unkey(key).tobytes() for key in archive}  # never score a schedule twice
         repair = self._repair(rng)
         children = [repair(child) for child in children]
@@ -271,14 +267,9 @@ class EvolutionarySearch:
         state = self._load_state()
         if state is None:
             rng = np.random.default_rng([self.config.seed, int(Stream.SEARCH)])
-            if self.space is None:
-                population = genome.initial_population(
-                    rng, self.search.population_size, self.ops.num_widths, self.ops.num_steps,
-                    self.search.num_piecewise, repair=self._repair(rng))
-            else:
-                population = self.space.initial_population(
-                    rng, self.search.population_size, self.search.num_piecewise,
-                    repair=self._repair(rng))
+            population = self.space.initial_population(
+                rng, self.search.population_size, self.search.num_piecewise,
+                repair=self._repair(rng))
             archive: dict[str, dict[str, float]] = {}
             if self.progress:
                 print(f"search: scoring {len(population)} seed schedules on "
