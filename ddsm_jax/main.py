@@ -107,6 +107,16 @@ def check_inputs(config, mode: str):
                          f"model of its timestep's stage; run --mode=evaluate or --mode=all"
                          + (" (or give multistage.decoder_widths: slimmable decoders)"
                             if strategy == "multistage" else ""))
+    if searchable and "search" in STAGES[mode]:
+        from ddsm_jax.search.search import check_settings
+
+        check_settings(config)
+        if config.search.get("timesteps", "fixed") == "searched":
+            from ddsm_jax.models.network import abstract_network
+            from ddsm_jax.search.scorer import check_timesteps_searchable
+
+            check_timesteps_searchable(abstract_network(config)[0],
+                                       config.diffusion.num_timesteps)
     distillation = config.training.get("distillation", 0.0)
     if not 0.0 <= distillation <= 1.0:
         raise ValueError(f"config.training.distillation={distillation} must lie in [0, 1]: the "

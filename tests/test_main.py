@@ -74,6 +74,21 @@ def test_distillation_settings_that_cannot_apply_are_refused(tmp_path, args, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config.search.timesteps=searched", "--config.sampling.method=ddpm"],
+     "chooses DDIM's timesteps"),
+    (["--config.search.timesteps=searched", "--config.strategy=multistage",
+      "--config.multistage.decoder_widths=(1.0,0.5)"], "multi-stage network ties"),
+    (["--config.search.cost=seconds", "--config.search.objective=weighted"],
+     "prices the budget and pareto objectives"),
+])
+def test_search_settings_are_refused_before_a_run_trains(tmp_path, args, message):
+    done = run_main(f"--workdir={tmp_path / 'run'}", "--mode=all", *args)
+    assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_sampling_without_a_checkpoint_says_what_to_run(tmp_path):
     done = run_main(f"--workdir={tmp_path}", "--mode=sample", *TINY)
     assert done.returncode == 1

@@ -291,16 +291,20 @@ def test_a_search_of_timesteps_and_widths_runs_to_an_export_that_samples_on_them
     assert np.abs(on_grid - images).max() > 1e-3  # the same widths on other timesteps
 
 
-def test_searched_timesteps_are_refused_where_they_cannot_apply(model):
+def test_searched_timesteps_are_refused_where_they_cannot_apply():
+    from ddsm_jax.models.network import abstract_network
     from ddsm_jax.search.scorer import check_timesteps_searchable
+    from ddsm_jax.search.search import check_settings
     from tests.test_multi_decoder import multistage_config
 
-    network, diffusion, _ = model
     config = search_config()
+    config.search.timesteps = "searched"
     config.sampling.method = "ddpm"
     with pytest.raises(ValueError, match="sampling.method=ddim"):
-        check_timesteps_searchable(config, network, diffusion)
+        check_settings(config)
+    config.search.timesteps = "sometimes"
+    with pytest.raises(ValueError, match="choose one of"):
+        check_settings(config)
     config = multistage_config()
-    multistage, _ = init_network(config, jax.random.key(0))
     with pytest.raises(ValueError, match="multi-stage"):
-        check_timesteps_searchable(config, multistage, diffusion_from_config(config.diffusion))
+        check_timesteps_searchable(abstract_network(config)[0], config.diffusion.num_timesteps)

@@ -62,7 +62,7 @@ class ScheduleScorer:
         self.seconds: SchedulePrices | None = None  # set where the search prices in seconds
         self.searched_timesteps = search.get("timesteps", "fixed") == "searched"
         if self.searched_timesteps:
-            check_timesteps_searchable(config, network, diffusion)
+            check_timesteps_searchable(network, diffusion.num_timesteps)
         self._draw_noise(config.search.num_samples, Stream.SEARCH)
 
     def _draw_noise(self, num_samples: int, stream: Stream) -> None:
@@ -156,14 +156,10 @@ class ScheduleScorer:
 TIMESTEP_CHOICES = ("fixed", "searched")
 
 
-def check_timesteps_searchable(config: ml_collections.ConfigDict, network: Network,
-                               diffusion: Diffusion) -> None:
-    """Raises where `search.timesteps=searched` cannot apply."""
-    if config.sampling.method != "ddim":
-        raise ValueError(f"config.search.timesteps=searched chooses DDIM's timesteps; the config "
-                         f"samples with {config.sampling.method} (set "
-                         f"--config.sampling.method=ddim)")
-    if len(set(network.stages_of(np.arange(diffusion.num_timesteps)).tolist())) > 1:
+def check_timesteps_searchable(network: Network, num_timesteps: int) -> None:
+    """Raises where the network cannot run `search.timesteps=searched` (the sampler is checked
+    with the other settings, `search.check_settings`)."""
+    if len(set(network.stages_of(np.arange(num_timesteps)).tolist())) > 1:
         raise ValueError("config.search.timesteps=searched needs one network for every timestep; "
                          "the multi-stage network ties each timestep to a stage's decoder (use "
                          "config.search.timesteps=fixed)")

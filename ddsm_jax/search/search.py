@@ -61,6 +61,36 @@ NEUTRAL_SETTINGS = {"surrogate_keep": 1.0, "timesteps": "fixed"}
 COSTS = ("macs", "seconds")
 
 
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """Raises on `config.search` settings no search can run with: checked before a `--mode=all`
+    run trains, so that it fails in seconds and writes nothing."""
+    search = config.search
+    if search.objective not in objectives.OBJECTIVES:
+        raise ValueError(f"config.search.objective={search.objective!r}: choose one of "
+                         f"{objectives.OBJECTIVES}")
+    if search.validation_samples and search.validation_candidates < 1:
+        raise ValueError("config.search.validation_candidates must be at least 1 (or set "
+                         "config.search.validation_samples=0 to choose on the search noise)")
+    if not 0.0 < search.get("surrogate_keep", 1.0) <= 1.0:
+        raise ValueError(f"config.search.surrogate_keep={search.surrogate_keep} must lie "
+                         f"in (0, 1]: the fraction of children sampled (1: all)")
+    timesteps = search.get("timesteps", "fixed")
+    if timesteps not in TIMESTEP_CHOICES:
+        raise ValueError(f"config.search.timesteps={timesteps!r}: choose one of "
+                         f"{TIMESTEP_CHOICES} (searched: the DDIM timesteps are chosen "
+                         f"with the widths)")
+    if timesteps == "searched" and config.sampling.method != "ddim":
+        raise ValueError(f"config.search.timesteps=searched chooses DDIM's timesteps; the config "
+                         f"samples with {config.sampling.method} (set "
+                         f"--config.sampling.method=ddim)")
+    if search.get("cost", "macs") not in COSTS:
+        raise ValueError(f"config.search.cost={search.cost!r}: choose one of {COSTS}")
+    if search.get("cost", "macs") == "seconds" and search.objective == "weighted":
+        raise ValueError("config.search.cost=seconds prices the budget and pareto objectives; "
+                         "the weighted one is DDSM's FD + lambda x MMACs: set "
+                         "config.search.objective=budget or pareto")
+
+
 def _key(schedule: np.ndarray) -> str:
     return ",".join(str(int(i)) for i in schedule)
 
@@ -79,30 +109,12 @@ class EvolutionarySearch:
         self.search = config.search
         self.layout = Workdir(workdir)
         self.progress = progress
-        if self.search.objective not in objectives.OBJECTIVES:
-            raise ValueError(f"config.search.objective={self.search.objective!r}: choose one of "
-                             f"{objectives.OBJECTIVES}")
+        check_settings(config)
         if self.search.population_size < len(network.widths) + 2:
             raise ValueError(f"config.search.population_size={self.search.population_size} must "
                              f"hold the {len(network.widths)} uniform schedules and at least two "
                              f"more")
-        if self.search.validation_samples and self.search.validation_candidates < 1:
-            raise ValueError("config.search.validation_candidates must be at least 1 (or set "
-                             "config.search.validation_samples=0 to choose on the search noise)")
-        if not 0.0 < self.search.get("surrogate_keep", 1.0) <= 1.0:
-            raise ValueError(f"config.search.surrogate_keep={self.search.surrogate_keep} must lie "
-                             f"in (0, 1]: the fraction of children sampled (1: all)")
-        if self.search.get("timesteps", "fixed") not in TIMESTEP_CHOICES:
-            raise ValueError(f"config.search.timesteps={self.search.timesteps!r}: choose one of "
-                             f"{TIMESTEP_CHOICES} (searched: the DDIM timesteps are chosen "
-                             f"with the widths)")
-        if self.search.get("cost", "macs") not in COSTS:
-            raise ValueError(f"config.search.cost={self.search.cost!r}: choose one of {COSTS}")
         self.cost = self.search.get("cost", "macs")
-        if self.cost == "seconds" and self.search.objective == "weighted":
-            raise ValueError("config.search.cost=seconds prices the budget and pareto objectives; "
-                             "the weighted one is DDSM's FD + lambda x MMACs: set "
-                             "config.search.objective=budget or pareto")
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
         self.measured_seconds = None
