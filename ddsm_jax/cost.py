@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from ddsm_jax.models.cost import macs_table
 from ddsm_jax.models.network import abstract_network, param_count
+from ddsm_jax.models.stage_widths import width_json, width_label
 from ddsm_jax.utils.cli import run_program
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -19,8 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 def cost_report(config) -> dict:
     network, params = abstract_network(config)
     table = macs_table(network, params)
-    return {"params": param_count(params), "widths": list(network.widths),
-            "macs": {str(width): counts for width, counts in table.items()}}
+    return {"params": param_count(params), "widths": [width_json(w) for w in network.widths],
+            "macs": {width_label(width): counts for width, counts in table.items()}}
 
 
 def main(argv: list[str]) -> None:

@@ -43,6 +43,7 @@ from ddsm_jax.diffusion.schedules import Diffusion, diffusion_from_config
 from ddsm_jax.layout import Stream, stream_key
 from ddsm_jax.models.cost import SchedulePrices
 from ddsm_jax.models.network import Network, abstract_network, param_count
+from ddsm_jax.models.stage_widths import Width, width_json
 from ddsm_jax.sampling import ScheduleSampler, initial_noise, sample_in_batches, stream_draws
 from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import (
@@ -79,10 +80,10 @@ class FrontMember:
     chosen: bool = False  # the schedule the search chose (schedule.json)
     timesteps: tuple[int, ...] | None = None  # where the search chose them; None: the config's
 
-    def widths(self, widths: Sequence[float]) -> list[float]:
-        return [float(widths[i]) for i in self.schedule]
+    def widths(self, widths: Sequence[Width]) -> list[float | list[float]]:
+        return [width_json(widths[i]) for i in self.schedule]
 
-    def to_json(self, widths: Sequence[float]) -> dict[str, Any]:
+    def to_json(self, widths: Sequence[Width]) -> dict[str, Any]:
         data = {**dataclasses.asdict(self), "schedule": list(self.schedule),
                 "widths": self.widths(widths)}
         if self.timesteps is None:
@@ -182,7 +183,8 @@ def save(directory: PathLike, config: ml_collections.ConfigDict, params: Params,
                                       timesteps=sampler.timesteps)
     if front is None:
         front = build_front(config, network, params, sampler, schedule)
-    manifest = {"format": FORMAT, "version": VERSION, "widths": list(network.widths),
+    manifest = {"format": FORMAT, "version": VERSION,
+                "widths": [width_json(w) for w in network.widths],
                 "image_shape": list(network.image_shape), "num_params": param_count(params),
                 "step": step, "weights": weights, "has_schedule": schedule is not None}
 

@@ -17,7 +17,7 @@ from ddsm_jax.utils.plots import save_side_by_side
 
 
 class WidthGrids:
-    """Draws `width_<w>.png` per width and `widths.png` (side by side, with each width's MACs).
+    """Draws `width_<w>.png` per global width and `widths.png` (side by side, with their MACs).
 
     The sampler and the noise are made once, so drawing again during training recompiles nothing.
     """
@@ -34,7 +34,7 @@ class WidthGrids:
     def sample(self, params: Params) -> list[np.ndarray]:
         return [sample_in_batches(self.sampler, params, self.sampler.uniform(index), self.noise,
                                   self.key, self.batch_size)
-                for index in range(len(self.network.widths))]
+                for index in self.network.global_indices]
 
     def draw(self, params: Params, out_dir: PathLike) -> tuple[list[epath.Path], np.ndarray]:
         """Writes the PNGs; returns their paths and the side-by-side grid of all widths."""
@@ -42,7 +42,8 @@ class WidthGrids:
             self.prices = SchedulePrices.of(self.network, params, self.sampler.timesteps,
                                             self.config)
         paths, grids, titles = [], [], []
-        for index, (width, images) in enumerate(zip(self.network.widths, self.sample(params))):
+        for index, images in zip(self.network.global_indices, self.sample(params)):
+            width = self.network.widths[index]
             paths.append(save_grid(images, epath.Path(out_dir) / f"width_{width}.png"))
             grids.append(make_grid(images, padding=1, scale=4))
             mean_macs = self.prices.per_step[:, index].mean()

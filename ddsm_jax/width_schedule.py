@@ -18,6 +18,7 @@ from etils import epath
 
 from ddsm_jax.common_types import PathLike
 from ddsm_jax.layout import Workdir
+from ddsm_jax.models.stage_widths import Width, as_width, stage_profile, width_json
 from ddsm_jax.utils.files import write_json
 
 
@@ -27,7 +28,7 @@ class ScheduleError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WidthSchedule:
-    widths: tuple[float, ...]
+    widths: tuple[Width, ...]  # numbers, or (encoder, middle, decoder) triples (stage widths)
     schedule: tuple[int, ...]
     timesteps: tuple[int, ...]
     sampler: str
@@ -51,10 +52,15 @@ class WidthSchedule:
         return bool(self.figures.get("timesteps_searched", False))
 
     @property
-    def width_per_step(self) -> np.ndarray:
-        return np.asarray(self.widths)[list(self.schedule)]
+    def width_per_step(self) -> list[Width]:
+        return [self.widths[i] for i in self.schedule]
 
-    def indices_for(self, network_widths: Sequence[float], sampler: str,
+    @property
+    def stage_widths_per_step(self) -> np.ndarray:
+        """(steps, 3): each step's encoder, middle and decoder width."""
+        return np.asarray([stage_profile(w) for w in self.width_per_step])
+
+    def indices_for(self, network_widths: Sequence[Width], sampler: str,
                     timesteps: Sequence[int]) -> np.ndarray:
         """This schedule as indices into `network_widths`, checked against the sampler it runs on."""
         if self.timesteps_searched:  # its own timesteps: the config fixes their number
@@ -68,15 +74,16 @@ class WidthSchedule:
                 f"the schedule was made for the {self.sampler} sampler with {self.num_steps} steps, "
                 f"but the config samples with {sampler} and {len(timesteps)} steps; set "
                 f"--config.sampling.method/num_steps/spacing to match")
-        position = {float(w): i for i, w in enumerate(network_widths)}
-        missing = sorted({float(w) for w in self.widths} - set(position))
+        position = {as_width(w): i for i, w in enumerate(network_widths)}
+        missing = [w for w in dict.fromkeys(self.widths) if as_width(w) not in position]
         if missing:
             raise ScheduleError(f"the schedule uses widths {missing} that the network "
-                                f"(widths {list(network_widths)}) does not have")
-        return np.asarray([position[float(w)] for w in self.width_per_step], np.int32)
+                                f"(widths {list(network_widths)}) does not have; a width per "
+                                f"U-Net stage needs --config.model.stage_widths=True")
+        return np.asarray([position[as_width(w)] for w in self.width_per_step], np.int32)
 
     def to_json(self) -> dict[str, Any]:
-        return {"widths": list(self.widths), "schedule": list(self.schedule),
+        return {"widths": [width_json(w) for w in self.widths], "schedule": list(self.schedule),
                 "timesteps": list(self.timesteps), "sampler": self.sampler,
                 "num_steps": self.num_steps, **self.figures}
 
@@ -84,7 +91,7 @@ class WidthSchedule:
         return write_json(path, self.to_json())
 
 
-def schedule_from_json(data: dict[str, Any], *, widths: Sequence[float] | None = None,
+def schedule_from_json(data: dict[str, Any], *, widths: Sequence[Width] | None = None,
                        sampler: str | None = None,
                        timesteps: Sequence[int] | None = None) -> WidthSchedule:
     """Ours as written by `save`, or the release's `widths_per_timestep` (which then needs the
@@ -108,7 +115,7 @@ def schedule_from_json(data: dict[str, Any], *, widths: Sequence[float] | None =
     try:
         figures = {k: v for k, v in data.items()
                    if k not in ("widths", "schedule", "timesteps", "sampler", "num_steps")}
-        return WidthSchedule(tuple(float(w) for w in data["widths"]),
+        return WidthSchedule(tuple(as_width(w) for w in data["widths"]),
                              tuple(int(i) for i in data["schedule"]),
                              tuple(int(t) for t in data["timesteps"]), str(data["sampler"]),
                              figures)
@@ -130,7 +137,7 @@ def load_schedule(path: PathLike, **kwargs: Any) -> WidthSchedule:
         raise ScheduleError(f"{path}: {error}") from error
 
 
-def find_schedule(explicit_path: str | None, workdir: PathLike, *, widths: Sequence[float],
+def find_schedule(explicit_path: str | None, workdir: PathLike, *, widths: Sequence[Width],
                   sampler: str, timesteps: Sequence[int]) -> WidthSchedule | None:
     """The schedule a run should use: the path given, else `DIR/search/schedule.json`, else none.
 

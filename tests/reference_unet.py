@@ -48,21 +48,22 @@ def _norm(slim, channels: int, groups: int) -> nnx.GroupNorm:
 
 
 class DenseUNet:
-    """Mirrors the supernet's block list with dense layers at one width."""
+    """Mirrors the supernet's block list with dense layers at one width, or at a width per
+    stage: `width=(encoder, middle, decoder)`, the time MLP counted with the encoder."""
 
-    def __init__(self, slim, width: float, groups: int):
-        conv_c = lambda full: paper_rounding(full * width, 8)
+    def __init__(self, slim, width, groups: int):
+        encoder, middle, decoder = width if isinstance(width, tuple) else (width,) * 3
         ch = slim.ch
-        tdim = paper_rounding(4 * ch * width, 16)
+        tdim = paper_rounding(4 * ch * encoder, 16)
         self.ch = ch
         self.temb0 = _linear(slim.temb_dense0, ch, tdim)
         self.temb1 = _linear(slim.temb_dense1, tdim, tdim)
-        self.head = _conv(slim.head, slim.image_channels, conv_c(ch))
-        now = conv_c(ch)
+        self.head = _conv(slim.head, slim.image_channels, paper_rounding(ch * encoder, 8))
+        now = paper_rounding(ch * encoder, 8)
         skips = [now]
 
-        def res(block, c_in):
-            c_out = conv_c(block.conv1.out_channels)
+        def res(block, c_in, width):
+            c_out = paper_rounding(block.conv1.out_channels * width, 8)
             layers = {
                 "norm1": _norm(block.norm1, c_in, groups), "conv1": _conv(block.conv1, c_in, c_out),
                 "temb": _linear(block.temb_proj, tdim, c_out), "norm2": _norm(block.norm2, c_out, groups),
@@ -82,19 +83,19 @@ class DenseUNet:
         self.down = []
         for layer in slim.down:
             if hasattr(layer, "conv1"):
-                layers, now = res(layer, now)
+                layers, now = res(layer, now, encoder)
                 self.down.append(("res", layers))
             else:
                 self.down.append(("down", _conv(layer.conv, now, now, stride=2)))
             skips.append(now)
         self.mid = []
         for layer in slim.mid:
-            layers, now = res(layer, now)
+            layers, now = res(layer, now, middle)
             self.mid.append(layers)
         self.up = []
         for layer in slim.up:
             if hasattr(layer, "conv1"):
-                layers, now = res(layer, now + skips.pop())
+                layers, now = res(layer, now + skips.pop(), decoder)
                 self.up.append(("res", layers))
             else:
                 self.up.append(("up", _conv(layer.conv, now, now)))
@@ -106,7 +107,11 @@ class DenseUNet:
         h = layers["conv1"](nnx.silu(layers["norm1"](x)))
         h = h + layers["temb"](nnx.silu(temb))[:, None, None, :]
         h = layers["conv2"](nnx.silu(layers["norm2"](h)))
-        h = h + (layers["short"](x) if layers["short"] is not None else x)
+        if layers["short"] is not None:
+            h = h + layers["short"](x)
+        else:  # the identity: channel i to channel i, between stages of different widths too
+            common = min(x.shape[-1], h.shape[-1])
+            h = h.at[..., :common].add(x[..., :common])
         if layers["attn"] is None:
             return h
         a = layers["attn"]

@@ -177,6 +177,32 @@ def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, d
     assert "loss_stage2_w0.5" in (workdir / "metrics.jsonl").read_text()
 
 
+def test_a_width_per_unet_stage_is_trained_searched_evaluated_and_exported(tmp_path,
+                                                                           digits_classifier):
+    workdir = tmp_path / "run"
+    digits_classifier(workdir)
+    reports = run_all(workdir, *TINY, *SMALL_EVAL, *SMALL_SEARCH, "--config.training.num_steps=2",
+                      "--config.training.checkpoint_every=2", "--config.model.stage_widths=True",
+                      "--config.model.widths=(1.0,0.5)", "--config.search.population_size=6",
+                      "--config.search.macs_budget=0.7")
+    assert [r["stage"] for r in reports] == ["grids", "search", "evaluate", "export"]
+    schedule = json.loads((workdir / "search" / "schedule.json").read_text())
+    assert schedule["widths"][0] == 1.0 and schedule["widths"][-1] == 0.5
+    assert [0.5, 1.0, 1.0] in schedule["widths"] and len(schedule["widths"]) == 8
+    pareto = json.loads((workdir / "search" / "pareto.json").read_text())
+    assert [u["width"] for u in pareto["uniform"]] == [1.0, 0.5]  # the global widths' baselines
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert set(metrics["uniform"]) == {"0.5"} and metrics["schedule"]["macs_ratio"] <= 0.7
+    assert sorted(p.name for p in (workdir / "samples").glob("width_*.png")) == [
+        "width_0.5.png", "width_1.0.png"]
+    trained = (workdir / "metrics.jsonl").read_text()
+    assert "loss_w1.0" in trained and "loss_w0.5" in trained
+    assert any(f"loss_w{label}" in trained for label in ("0.5/1.0/1.0", "1.0/0.5/1.0",
+               "1.0/1.0/0.5", "0.5/0.5/1.0", "0.5/1.0/0.5", "1.0/0.5/0.5"))
+    exported = json.loads((workdir / "export" / "front.json").read_text())
+    assert any(m["chosen"] for m in exported)
+
+
 def test_the_adadiff_strategy_searches_exit_depths_and_exits_where_certain(tmp_path,
                                                                            digits_classifier):
     workdir = tmp_path / "run"

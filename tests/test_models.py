@@ -74,8 +74,10 @@ def test_schedule_cost_of_the_release_schedule_saves_about_half():
         schedule_cost(per_width, [0, 4])
 
 
-@pytest.mark.parametrize("width", [1.0, 0.75, 0.5, 0.25])
+@pytest.mark.parametrize("width", [1.0, 0.75, 0.5, 0.25, (0.75, 0.5, 1.0), (0.25, 1.0, 0.5),
+                                   (1.0, 0.25, 0.25)])
 def test_width_subnetwork_equals_a_dense_network_of_the_sliced_weights(width):
+    """One width, or (encoder, middle, decoder) widths (`model.stage_widths`)."""
     config = tiny_config(ch=32, num_groups=4)
     model = build_unet(config, nnx.Rngs(3))
     # Random (not zero-initialised) weights everywhere, so every layer matters.

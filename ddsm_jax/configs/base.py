@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.1
     config.model.num_groups = 32
     config.model.widths = (1.0, 0.75, 0.5, 0.25)
+    # A width per U-Net stage (encoder, middle, decoder) for each sampling step, instead of one
+    # for the whole network: the global widths and every mix of two neighbouring ones are the
+    # branches the sandwich trains and the search chooses from (ddsm_jax/models/stage_widths.py).
+    config.model.stage_widths = False
     config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (TPU/GPU; params stay f32)
     config.model.remat = False  # recompute residual blocks in the backward pass (saves memory)
     # CPU only: images per device in each weight-gradient convolution (0: the whole batch in

@@ -70,8 +70,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: PathLike, network: Netw
         return result
 
     entries = [("full", sampler, sampler.uniform(0), params)]
-    entries += [(f"uniform {w}", sampler, sampler.uniform(i), params)
-                for i, w in enumerate(network.widths) if i]
+    entries += [(f"uniform {network.widths[i]}", sampler, sampler.uniform(i), params)
+                for i in network.global_indices if i]
     if schedule is not None:  # on its own timesteps where the search chose them
         schedule_sampler = sampler.for_schedule(schedule)
         entries.append(("schedule", schedule_sampler, schedule_sampler.to_indices(schedule),

@@ -21,6 +21,7 @@ from ddsm_jax.models.continuous_unet import build_continuous_unet
 from ddsm_jax.models.early_exit_unet import build_early_exit_unet
 from ddsm_jax.models.grouped_unet import build_grouped_unet
 from ddsm_jax.models.multi_decoder import build_multi_decoder_unet
+from ddsm_jax.models.stage_widths import Width, global_indices, neighbour_triples
 from ddsm_jax.models.unet import build_unet
 from ddsm_jax.strategies.stage_split import stage_of, stage_ranges
 
@@ -37,7 +38,7 @@ class Network:
     """
 
     graphdef: Any
-    widths: tuple[float, ...]
+    widths: tuple[Width, ...]  # with `model.stage_widths`, (encoder, middle, decoder) triples too
     image_shape: tuple[int, int, int]
     boundaries: tuple[int, ...] | None = None
     branch_arg: str = "width"  # what `widths` are: AdaDiff's are exit depths
@@ -46,6 +47,11 @@ class Network:
               dropout_rng: jax.Array | None = None, **branch: Any) -> jax.Array:
         """Epsilon from the branch `branch` names (its width, stage or depth)."""
         return nnx.merge(self.graphdef, params)(x, t, dropout_rng=dropout_rng, **branch)
+
+    @property
+    def global_indices(self) -> list[int]:
+        """The branches that run every layer at one width: the uniform baselines."""
+        return global_indices(self.widths)
 
     @property
     def num_stages(self) -> int:
@@ -118,6 +124,15 @@ def _network(config: ml_collections.ConfigDict, graphdef: Any) -> Network:
     check_widths(config.model.widths)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     strategy = strategy_name(config)
+    if config.model.get("stage_widths", False):
+        if strategy != "ddsm":
+            raise ValueError(f"config.model.stage_widths=True (a width per U-Net stage) is DDSM's "
+                             f"search space; config.strategy={strategy!r} has its own branches: "
+                             f"drop --config.model.stage_widths or use --config.strategy=ddsm")
+        if len(config.model.widths) < 2:
+            raise ValueError("config.model.stage_widths=True mixes neighbouring widths: give "
+                             "config.model.widths at least two, e.g. '(1.0,0.75,0.5,0.25)'")
+        return Network(graphdef, neighbour_triples(config.model.widths), image_shape)
     if strategy == "ddsm":
         return Network(graphdef, tuple(float(w) for w in config.model.widths), image_shape)
     if strategy in BRANCH_ARGS:  # one network whose branches are not widths

@@ -21,6 +21,7 @@ from flax import nnx
 
 from ddsm_jax.models import macs
 from ddsm_jax.models.slimmable import SlimConv, SlimGroupNorm, SlimLinear, silu, slim_channels
+from ddsm_jax.models.stage_widths import Width, stage_profile
 
 Array = jax.Array
 
@@ -80,6 +81,16 @@ class AttnBlock(nnx.Module):
         return x + out
 
 
+def _match_channels(x: Array, like: Array) -> Array:
+    """The identity shortcut between stages of different widths (`models.stage_widths`): a
+    slimmed layer's channels are the leading ones, so channel i stays channel i; dropped where
+    the block is narrower than its input, zero where it is wider."""
+    channels = like.shape[-1]
+    if x.shape[-1] >= channels:
+        return x[..., :channels]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, channels - x.shape[-1])])
+
+
 class ResBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, dropout: float,
                  attention: bool, num_groups: int, rngs: nnx.Rngs):
@@ -98,7 +109,7 @@ class ResBlock(nnx.Module):
         h = h + self.temb_proj(silu(temb), width)[:, None, None, :]
         h = _dropout(silu(self.norm2(h)), self.dropout, rng)
         h = self.conv2(h, width)
-        skip = self.shortcut(x, width) if self.shortcut is not None else x
+        skip = self.shortcut(x, width) if self.shortcut is not None else _match_channels(x, h)
         macs.record_elementwise("elementwise", h.size, 2)  # temb add, residual add
         h = h + skip
         return self.attn(h, width) if self.attn is not None else h
@@ -188,8 +199,10 @@ def res_block_call(remat: bool) -> Callable:
 
 
 def encode(module: nnx.Module, x: Array, t: Array, width: float, rngs: Iterator[Array],
-           res_block: Callable, ch: int, dtype: jnp.dtype) -> tuple[Array, Array, list[Array]]:
-    """The encoder `build_encoder` gave `module`: (middle output, time embedding, skips)."""
+           res_block: Callable, ch: int, dtype: jnp.dtype,
+           mid_width: float | None = None) -> tuple[Array, Array, list[Array]]:
+    """The encoder `build_encoder` gave `module`: (middle output, time embedding, skips); the
+    middle blocks at `mid_width` (default: `width`)."""
     temb = module.temb_dense0(timestep_embedding(t, ch).astype(dtype), width)
     temb = module.temb_dense1(silu(temb), width)
     h = module.head(x.astype(dtype), width)
@@ -199,7 +212,7 @@ def encode(module: nnx.Module, x: Array, t: Array, width: float, rngs: Iterator[
              else layer(h, width))
         skips.append(h)
     for layer in module.mid:
-        h = res_block(layer, h, temb, width, next(rngs, None))
+        h = res_block(layer, h, temb, width if mid_width is None else mid_width, next(rngs, None))
     return h, temb, skips
 
 
@@ -242,15 +255,17 @@ class SlimmableUNet(nnx.Module):
                       temb_channels=4 * ch, image_channels=image_channels, **shape)
         set_weight_grad_chunk(self, weight_grad_chunk)
 
-    def __call__(self, x: Array, t: Array, *, width: float = 1.0,
+    def __call__(self, x: Array, t: Array, *, width: Width = 1.0,
                  dropout_rng: Array | None = None) -> Array:
-        """Predicts epsilon; `dropout_rng=None` is the deterministic (evaluation) network."""
+        """Predicts epsilon; `dropout_rng=None` is the deterministic (evaluation) network.
+        `width`: one for every layer, or (encoder, middle, decoder) (`models.stage_widths`)."""
         chex.assert_shape(x, (None, self.image_size, self.image_size, self.image_channels))
         chex.assert_shape(t, (x.shape[0],))
         rngs = dropout_keys(dropout_rng, len(self.down) + len(self.mid) + len(self.up))
         res_block = res_block_call(self.remat)
-        h, temb, skips = encode(self, x, t, width, rngs, res_block, self.ch, self.dtype)
-        out = decode(self, h, temb, skips, width, rngs, res_block)
+        encoder, middle, decoder = stage_profile(width)
+        h, temb, skips = encode(self, x, t, encoder, rngs, res_block, self.ch, self.dtype, middle)
+        out = decode(self, h, temb, skips, decoder, rngs, res_block)
         chex.assert_equal_shape([out, x])
         return out
 

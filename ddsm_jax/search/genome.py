@@ -9,7 +9,7 @@ the numpy Generator passed in, so a search is a function of its seed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,12 @@ class Operators:
     gene_mutation_rate: float | None = None  # per step; default 2 / num_steps
     block_mutation_rate: float = 0.4  # chance that a child gets one repainted stretch
     shift_mutation_rate: float = 0.3  # chance that one run boundary moves
+    uniform: tuple[int, ...] | None = None  # the widths seeded uniformly; default all
+
+    @property
+    def uniform_widths(self) -> tuple[int, ...]:
+        """The baselines' widths: all, or with a width per U-Net stage the global ones."""
+        return tuple(range(self.num_widths)) if self.uniform is None else self.uniform
 
     @property
     def per_gene(self) -> float:
@@ -38,8 +44,9 @@ class Operators:
         return min(1.0, 2.0 / self.num_steps)
 
 
-def uniform_schedules(num_widths: int, num_steps: int) -> np.ndarray:
-    return np.repeat(np.arange(num_widths, dtype=np.int32)[:, None], num_steps, axis=1)
+def uniform_schedules(widths: Sequence[int], num_steps: int) -> np.ndarray:
+    """One schedule per width index in `widths`, that width at every step."""
+    return np.repeat(np.asarray(widths, np.int32)[:, None], num_steps, axis=1)
 
 
 def piecewise_schedule(rng: np.random.Generator, num_widths: int, num_steps: int,
@@ -76,16 +83,18 @@ def fit_budget(rng: np.random.Generator, genome: np.ndarray, width_cost: np.ndar
 
 
 def initial_population(rng: np.random.Generator, size: int, num_widths: int, num_steps: int,
-                       num_piecewise: int, repair: Repair = no_repair) -> np.ndarray:
-    """The uniform schedules (the baselines to beat, never repaired), staircases narrowing and
-    widening in turn, then random schedules."""
+                       num_piecewise: int, repair: Repair = no_repair,
+                       uniform_widths: Sequence[int] | None = None) -> np.ndarray:
+    """The uniform schedules of `uniform_widths` (default: every width; the baselines to beat,
+    never repaired), staircases narrowing and widening in turn, then random schedules."""
+    uniform = uniform_schedules(range(num_widths) if uniform_widths is None else uniform_widths,
+                                num_steps)[:size]
     rows = []
-    while len(rows) < min(size - num_widths, num_piecewise):
+    while len(rows) < min(size - len(uniform), num_piecewise):
         rows.append(repair(piecewise_schedule(rng, num_widths, num_steps,
                                               narrowing=len(rows) % 2 == 0)))
-    while len(rows) < size - num_widths:
+    while len(rows) < size - len(uniform):
         rows.append(repair(rng.integers(0, num_widths, size=num_steps).astype(np.int32)))
-    uniform = uniform_schedules(num_widths, num_steps)[:size]
     if not rows:
         return uniform
     seen = {row.tobytes() for row in uniform}
@@ -233,14 +242,16 @@ class GenomeSpace:
         widths on random grids."""
         num_widths, num_steps = self.ops.num_widths, self.ops.num_steps
         if not self.searches_timesteps:
-            return initial_population(rng, size, num_widths, num_steps, num_piecewise, repair)
-        uniform = [self.join(w, self.grid) for w in uniform_schedules(num_widths, num_steps)]
+            return initial_population(rng, size, num_widths, num_steps, num_piecewise, repair,
+                                      self.ops.uniform_widths)
+        uniform = [self.join(w, self.grid)
+                   for w in uniform_schedules(self.ops.uniform_widths, num_steps)]
         rows = []
-        while len(rows) < min(size - num_widths, num_piecewise):
+        while len(rows) < min(size - len(uniform), num_piecewise):
             widths = piecewise_schedule(rng, num_widths, num_steps,
                                         narrowing=len(rows) % 2 == 0)
             rows.append(repair(self.join(widths, self.random_timesteps(rng))))
-        while len(rows) < size - num_widths:
+        while len(rows) < size - len(uniform):
             rows.append(repair(self.random(rng)))
         uniform = np.stack(uniform)[:size]
         if not rows:

@@ -14,19 +14,27 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
+from ddsm_jax.models.stage_widths import STAGE_NAMES
 from ddsm_jax.utils.plots import save_figure
 from ddsm_jax.width_schedule import WidthSchedule
 
 
 def save_schedule_plot(schedule: WidthSchedule, path: PathLike) -> epath.Path:
-    """Width per sampling step, noisiest step on the left, with the timestep it runs at."""
-    widths = schedule.width_per_step
+    """Width per sampling step, noisiest step on the left, with the timestep it runs at; with a
+    width per U-Net stage, one line per stage."""
+    stages = schedule.stage_widths_per_step
     steps = np.arange(schedule.num_steps)
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    ax.step(steps, widths, where="mid", color="tab:blue", linewidth=1.8)
-    ax.fill_between(steps, widths, step="mid", alpha=0.2, color="tab:blue")
-    ax.set_yticks(sorted(set(schedule.widths)))
-    ax.set_ylim(0, max(schedule.widths) * 1.08)
+    if (stages == stages[:, :1]).all():
+        ax.step(steps, stages[:, 0], where="mid", color="tab:blue", linewidth=1.8)
+        ax.fill_between(steps, stages[:, 0], step="mid", alpha=0.2, color="tab:blue")
+    else:  # offset a little, so that equal stages stay visible
+        for offset, name, colour, values in zip((0.012, 0.0, -0.012), STAGE_NAMES,
+                                                ("tab:green", "tab:orange", "tab:blue"), stages.T):
+            ax.step(steps, values + offset, where="mid", color=colour, linewidth=1.6, label=name)
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(sorted(set(stages.ravel().tolist())))
+    ax.set_ylim(0, stages.max() * 1.08)
     ax.set_ylabel("width")
     ticks = np.linspace(0, schedule.num_steps - 1, min(6, schedule.num_steps)).astype(int)
     ax.set_xticks(ticks, [f"{i}\nt={schedule.timesteps[i]}" for i in ticks])

@@ -110,10 +110,10 @@ class EvolutionarySearch:
         self.layout = Workdir(workdir)
         self.progress = progress
         check_settings(config)
-        if self.search.population_size < len(network.widths) + 2:
+        uniform = network.global_indices
+        if self.search.population_size < len(uniform) + 2:
             raise ValueError(f"config.search.population_size={self.search.population_size} must "
-                             f"hold the {len(network.widths)} uniform schedules and at least two "
-                             f"more")
+                             f"hold the {len(uniform)} uniform schedules and at least two more")
         self.cost = self.search.get("cost", "macs")
         self.scorer = ScheduleScorer(config, workdir, network, diffusion, params,
                                      progress=progress)
@@ -129,7 +129,8 @@ class EvolutionarySearch:
             crossover_rate=self.search.crossover_rate, max_cut_points=self.search.max_cut_points,
             gene_mutation_rate=self.search.gene_mutation_rate,
             block_mutation_rate=self.search.block_mutation_rate,
-            shift_mutation_rate=self.search.shift_mutation_rate)
+            shift_mutation_rate=self.search.shift_mutation_rate,
+            uniform=tuple(uniform) if len(uniform) < len(network.widths) else None)
         # The genomes: widths, or where the timesteps are searched too, widths then timesteps.
         self.space = genome.GenomeSpace(
             self.ops, self.scorer.sampler.timesteps if self.scorer.searched_timesteps else None,
@@ -342,7 +343,7 @@ class EvolutionarySearch:
             macs_budget=self._budget)]
         front = [keys[i] for i in objectives.spread_front(fd, cost_ratio,
                                                           settings["validation_front"])]
-        uniform = [self._uniform_key(i) for i in range(self.ops.num_widths)]
+        uniform = [self._uniform_key(i) for i in self.ops.uniform_widths]
         wanted = list(dict.fromkeys([*uniform, *shortlist, *front]))  # full width first
         if (state.validation is not None and state.validation["settings"] == settings
                 and list(state.validation["scores"]) == wanted):
@@ -422,8 +423,9 @@ class EvolutionarySearch:
         schedule.save(self.layout.schedule)
         front = np.flatnonzero(objectives.pareto_ranks(fd, cost_ratio) == 0)
         front = front[np.argsort(cost_ratio[front])]
-        uniform = [{"width": w, **state.archive[self._uniform_key(i)]}
-                   for i, w in enumerate(self.scorer.sampler.network.widths)]
+        widths = self.scorer.sampler.network.widths
+        uniform = [{"width": widths[i], **state.archive[self._uniform_key(i)]}
+                   for i in self.ops.uniform_widths]
         pareto = {"weights": self.weights,
                   "front": [{**self._schedule_json(keys[i]), **state.archive[keys[i]]}
                             for i in front],

@@ -26,6 +26,9 @@ from ddsm_jax.utils.files import as_path, is_remote
 
 # Model settings that change how the network is computed, not what it computes.
 COMPUTE_ONLY = ("dtype", "remat", "weight_grad_chunk")
+# Model settings that choose which branches are trained and searched, not what a branch computes:
+# weights trained with a width per stage serve a search of global widths, and the other way.
+BRANCHES_ONLY = ("stage_widths",)
 # Strategy settings that only choose how trained weights are sampled.
 SAMPLING_ONLY = {"adadiff": ("thresholds",)}
 # Empty values of settings added after a checkpoint was written: what it was trained with.
@@ -45,7 +48,8 @@ class CheckpointSaveError(OSError):
 
 def network_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that decide what a set of weights computes; a JSON-able dict."""
-    model = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_ONLY}
+    model = {k: v for k, v in config.model.to_dict().items()
+             if k not in COMPUTE_ONLY + BRANCHES_ONLY}
     data = {k: config.data[k] for k in ("name", "image_size", "channels")}
     identity = {"model": model, "diffusion": config.diffusion.to_dict(), "data": data}
     strategy = strategy_name(config)

@@ -12,6 +12,7 @@ import ml_collections
 from ddsm_jax.common_types import Params
 from ddsm_jax.models.cost import reference_macs, width_macs
 from ddsm_jax.models.network import Network, strategy_name
+from ddsm_jax.models.stage_widths import width_label
 from ddsm_jax.training.sandwich import every_sandwich, sandwich_widths, sandwiches_between
 from ddsm_jax.training.stage_step import choices_between, draw_choice, make_stage_train_step
 from ddsm_jax.training.train_step import make_train_step
@@ -64,7 +65,7 @@ class Curriculum:
                        lambda chosen: [(("all_exits", True),)], [widths], "exit set")
         return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
                    lambda start, stop: sandwiches_between(widths, seed, start, stop),
-                   lambda chosen: [f"loss_w{w}" for w in chosen],
+                   lambda chosen: [f"loss_w{width_label(w)}" for w in chosen],
                    lambda chosen: [network.branch(0, widths.index(w)) for w in chosen],
                    every_sandwich(widths), "sandwich")
 

@@ -6,8 +6,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ddsm_jax.models.stage_widths import Width
 
-def sandwich_widths(widths: Sequence[float], seed: int, step: int) -> tuple[float, ...]:
+
+def widest_first(widths: Sequence[Width]) -> list[Width]:
+    """Distinct widths, widest first: sorted numbers; a network with a width per stage is
+    already in that order (`models.stage_widths.neighbour_triples`), its triples the middles."""
+    if any(isinstance(w, tuple) for w in widths):
+        return list(dict.fromkeys(widths))
+    return sorted({float(w) for w in widths}, reverse=True)
+
+
+def sandwich_widths(widths: Sequence[Width], seed: int, step: int) -> tuple[Width, ...]:
     """(largest, smallest, one random middle width) for this step.
 
     Drawn on the host from an RNG keyed by (seed, step): every host and every resumed run agrees
@@ -17,22 +27,22 @@ def sandwich_widths(widths: Sequence[float], seed: int, step: int) -> tuple[floa
     return sandwich_of(widths, np.random.default_rng([seed, step]))
 
 
-def sandwich_of(widths: Sequence[float], rng: np.random.Generator) -> tuple[float, ...]:
+def sandwich_of(widths: Sequence[Width], rng: np.random.Generator) -> tuple[Width, ...]:
     """(largest, smallest, a middle width drawn from `rng`); all of them where there are at most
     two (no draw then)."""
-    ordered = sorted({float(w) for w in widths}, reverse=True)
+    ordered = widest_first(widths)
     if len(ordered) <= 2:
         return tuple(ordered)
     middle = ordered[1:-1]
     return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
 
 
-def sandwiches_between(widths: Sequence[float], seed: int, start: int,
-                       stop: int) -> list[tuple[float, ...]]:
+def sandwiches_between(widths: Sequence[Width], seed: int, start: int,
+                       stop: int) -> list[tuple[Width, ...]]:
     """The distinct sandwiches that steps [start, stop) train, in order of first use: the
     programs a run compiles (looking no further than the steps it takes to meet them all)."""
-    possible = max(1, len({float(w) for w in widths}) - 2)
-    seen: dict[tuple[float, ...], None] = {}
+    possible = max(1, len(widest_first(widths)) - 2)
+    seen: dict[tuple[Width, ...], None] = {}
     for step in range(start, stop):
         seen.setdefault(sandwich_widths(widths, seed, step), None)
         if len(seen) == possible:
@@ -40,13 +50,13 @@ def sandwiches_between(widths: Sequence[float], seed: int, start: int,
     return list(seen)
 
 
-def every_sandwich(widths: Sequence[float]) -> list[tuple[float, ...]]:
+def every_sandwich(widths: Sequence[Width]) -> list[tuple[Width, ...]]:
     """Every width tuple the sandwich rule can pass to the train step: one per middle width.
 
     Same order as `training.sandwich.sandwich_widths` (largest, smallest, middle), because the
     tuple is the step's static argument and so names its compiled program.
     """
-    ordered = sorted({float(w) for w in widths}, reverse=True)
+    ordered = widest_first(widths)
     if len(ordered) <= 2:
         return [tuple(ordered)]
     return [(ordered[0], ordered[-1], middle) for middle in ordered[1:-1]]
