@@ -94,3 +94,22 @@ def test_accelerator_smoke_runs_every_section_and_writes_json_lines(tmp_path):
     assert population["candidate_image_steps_per_sec"] > 0
     for header in ("## peak", "## train", "## sampling", "## population", "# total"):
         assert header in result.stdout
+
+
+def test_vs_torch_times_both_side_by_side_or_says_how_to_get_torch():
+    """PyTorch is not a requirement: without it the script says how to install it; with it, a
+    row per width and the train step, each timed on both sides."""
+    import importlib.util
+
+    args = ("benchmarks.vs_torch", "--batch=1", "--repeats=1", "--rounds=1",
+            "--sandwich=1.0,0.5")
+    if importlib.util.find_spec("torch") is None:
+        result = _process(*args)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith("benchmarks.vs_torch needs PyTorch")
+        return
+    rows = _run(*args)
+    assert [row["row"] for row in rows] == ["forward 1", "forward 0.75", "forward 0.5",
+                                            "forward 0.25", "sandwich 1/0.5"]
+    assert all(len(row["torch_seconds"]) == len(row["jax_seconds"]) == 1 for row in rows)
+    assert all(row["speed_min"] > 0 for row in rows)
