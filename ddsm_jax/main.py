@@ -121,6 +121,10 @@ def check_inputs(config, mode: str):
     if not 0.0 <= distillation <= 1.0:
         raise ValueError(f"config.training.distillation={distillation} must lie in [0, 1]: the "
                          f"weight of the full width's prediction in the narrower widths' target")
+    global_middles = config.training.get("global_middles", 0.0)
+    if not 0.0 <= global_middles <= 1.0:
+        raise ValueError(f"config.training.global_middles={global_middles} must lie in [0, 1]: "
+                         f"the share of sandwich middles that are global widths")
     if distillation and strategy not in ("ddsm", "continuous_unet"):
         raise ValueError(f"config.training.distillation applies to sandwich training (ddsm, "
                          f"continuous_unet), not to {strategy}; leave it at 0")

@@ -117,3 +117,17 @@ def test_weights_trained_with_a_width_per_stage_serve_a_search_of_global_widths(
     assert network_identity(plain) == network_identity(staged)
     assert "stage_widths" not in network_identity(staged)["model"]
     assert identity_differences(network_identity(plain), network_identity(staged)) == []
+
+
+def test_a_share_of_the_middles_can_go_to_the_global_widths():
+    branches = stage_widths.neighbour_triples(WIDTHS)
+    halves = [sandwich_widths(branches, 0, step, global_share=0.5)[2] for step in range(4000)]
+    share = np.mean([not isinstance(w, tuple) for w in halves])
+    assert 0.45 < share < 0.55 and {w for w in halves if not isinstance(w, tuple)} == {0.75, 0.5}
+    alike = [sandwich_widths(branches, 0, step)[2] for step in range(4000)]
+    assert 0.05 < np.mean([not isinstance(w, tuple) for w in alike]) < 0.15  # 2 of 20
+    assert sandwiches_between(branches, 0, 0, 4000, global_share=0.5) != sandwiches_between(
+        branches, 0, 0, 4000)
+    # Plain widths draw exactly as before, whatever the share.
+    assert [sandwich_widths(WIDTHS, 0, s, 0.5) for s in range(50)] == [
+        sandwich_widths(WIDTHS, 0, s) for s in range(50)]

@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     # far from the noise towards the full width's (stop-gradient) prediction of the same noisy
     # batch; 0 is the paper's sandwich (each width its own t and noise), 1 the teacher alone.
     config.training.distillation = 0.0
+    # With model.stage_widths: the share of steps whose sandwich middle is a global width (the
+    # others train a mix of stage widths); 0 draws among all middles alike, so each global
+    # middle trains 1 step in 20 instead of 1 in 2.
+    config.training.global_middles = 0.0
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.method = "ddpm"  # 'ddpm' | 'ddim'

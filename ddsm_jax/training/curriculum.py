@@ -63,8 +63,9 @@ class Curriculum:
                        lambda step: widths, lambda start, stop: [widths],
                        lambda chosen: [f"loss_d{d}" for d in chosen],
                        lambda chosen: [(("all_exits", True),)], [widths], "exit set")
-        return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step),
-                   lambda start, stop: sandwiches_between(widths, seed, start, stop),
+        share = config.training.get("global_middles", 0.0)
+        return cls(make_train_step, lambda step: sandwich_widths(widths, seed, step, share),
+                   lambda start, stop: sandwiches_between(widths, seed, start, stop, share),
                    lambda chosen: [f"loss_w{width_label(w)}" for w in chosen],
                    lambda chosen: [network.branch(0, widths.index(w)) for w in chosen],
                    every_sandwich(widths), "sandwich")

@@ -17,34 +17,40 @@ def widest_first(widths: Sequence[Width]) -> list[Width]:
     return sorted({float(w) for w in widths}, reverse=True)
 
 
-def sandwich_widths(widths: Sequence[Width], seed: int, step: int) -> tuple[Width, ...]:
+def sandwich_widths(widths: Sequence[Width], seed: int, step: int,
+                    global_share: float = 0.0) -> tuple[Width, ...]:
     """(largest, smallest, one random middle width) for this step.
 
     Drawn on the host from an RNG keyed by (seed, step): every host and every resumed run agrees
     without communication, and the result is a static argument, so there is one compiled train
-    step per middle width.
+    step per middle width. `global_share`: see `sandwich_of`.
     """
-    return sandwich_of(widths, np.random.default_rng([seed, step]))
+    return sandwich_of(widths, np.random.default_rng([seed, step]), global_share)
 
 
-def sandwich_of(widths: Sequence[Width], rng: np.random.Generator) -> tuple[Width, ...]:
+def sandwich_of(widths: Sequence[Width], rng: np.random.Generator,
+                global_share: float = 0.0) -> tuple[Width, ...]:
     """(largest, smallest, a middle width drawn from `rng`); all of them where there are at most
-    two (no draw then)."""
+    two (no draw then). With a width per stage, `global_share` > 0 is the share of steps whose
+    middle is a global width (the others: a triple); 0 draws among all middles alike."""
     ordered = widest_first(widths)
     if len(ordered) <= 2:
         return tuple(ordered)
     middle = ordered[1:-1]
+    plain = [w for w in middle if not isinstance(w, tuple)]
+    if global_share > 0 and plain and len(plain) < len(middle):
+        middle = plain if rng.random() < global_share else [w for w in middle if isinstance(w, tuple)]
     return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
 
 
-def sandwiches_between(widths: Sequence[Width], seed: int, start: int,
-                       stop: int) -> list[tuple[Width, ...]]:
+def sandwiches_between(widths: Sequence[Width], seed: int, start: int, stop: int,
+                       global_share: float = 0.0) -> list[tuple[Width, ...]]:
     """The distinct sandwiches that steps [start, stop) train, in order of first use: the
     programs a run compiles (looking no further than the steps it takes to meet them all)."""
     possible = max(1, len(widest_first(widths)) - 2)
     seen: dict[tuple[Width, ...], None] = {}
     for step in range(start, stop):
-        seen.setdefault(sandwich_widths(widths, seed, step), None)
+        seen.setdefault(sandwich_widths(widths, seed, step, global_share), None)
         if len(seen) == possible:
             break
     return list(seen)
