@@ -1,7 +1,7 @@
 """ddsm_jax against PyTorch eager on this CPU: the forward per width and the sandwich train step.
 
     python -m benchmarks.vs_torch                       # CIFAR-10 network, batch 8
-    python -m benchmarks.vs_torch --config=configs/digits.py --batch=64
+    python -m benchmarks.vs_torch --layers              # one 3x3 conv and one GroupNorm per shape
 
 PyTorch runs the independent spelling of the release's slimmable U-Net
 (`tests/torch_release_unet.py`, the same channel counts at every width) in a worker process,
@@ -10,6 +10,11 @@ row and round by round, so a shared machine's slow minute hits both. Each cell i
 `--repeats` calls after a warm-up; `speed` is torch's seconds over ours (> 1: ddsm_jax faster),
 one figure per round. The train step is the whole update on both sides: the sandwich's three
 losses (each width its own t and noise), backward, gradient clipping, Adam and the EMA.
+
+`--layers` times single layers instead, at the network's shapes (each level's resolution and
+channels at the widths of `--layer_widths`): a 3x3 convolution (GFLOP/s) and a GroupNorm (ms),
+ddsm_jax's own (`models.conv.conv2d`, `SlimGroupNorm`) beside torch's, in one process, taking
+turns.
 
 Needs PyTorch, which the project does not install: `pip install torch==2.13.0+cpu`.
 """
@@ -41,6 +46,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per cell (median).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternating rounds of every row.")
 _SANDWICH = flags.DEFINE_list("sandwich", ["1.0", "0.25", "0.5"],
                               "Widths of the timed train step (empty: no train row).")
+_LAYERS = flags.DEFINE_bool("layers", False, "Time single layers instead of the network.")
+_LAYER_WIDTHS = flags.DEFINE_list("layer_widths", ["1.0", "0.75"], "Widths of --layers' shapes.")
 _WORKER = flags.DEFINE_bool("worker", False, "Internal: run as the PyTorch side.")
 
 TORCH_MISSING = ("benchmarks.vs_torch needs PyTorch, which the project does not install: "
@@ -171,6 +178,64 @@ def _jax_runs(config, batch: int, rows) -> dict[str, Callable[[], object]]:
     return runs
 
 
+def _layer_rows(config, batch: int, threads: int) -> list[dict]:
+    """A 3x3 convolution and a GroupNorm at each level's shape and width, both sides alike."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
+    import torch
+
+    from ddsm_jax.models.conv import conv2d
+    from ddsm_jax.models.slimmable import SlimGroupNorm, slim_channels
+
+    torch.set_num_threads(threads)
+    model = config.model
+    conv = jax.jit(conv2d)
+    rows, rng = [], np.random.default_rng(0)
+    shapes = dict.fromkeys((config.data.image_size // 2**level,
+                            slim_channels(model.ch * mult, float(width), 8))
+                           for level, mult in enumerate(model.ch_mult)
+                           for width in _LAYER_WIDTHS.value)
+    for resolution, channels in shapes:
+        x = rng.standard_normal((batch, resolution, resolution, channels)).astype(np.float32)
+        kernel = rng.standard_normal((3, 3, channels, channels)).astype(np.float32)
+        x_jax, kernel_jax = jnp.asarray(x), jnp.asarray(kernel)
+        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        kernel_torch = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+        norm = jax.jit(SlimGroupNorm(channels, model.num_groups).__call__)
+        flops = 2 * batch * resolution**2 * 9 * channels**2
+        runs = {"conv_jax": functools.partial(conv, x_jax, kernel_jax),
+                "conv_torch": functools.partial(torch.nn.functional.conv2d, x_torch,
+                                                kernel_torch, padding=1),
+                "norm_jax": functools.partial(norm, x_jax),
+                "norm_torch": functools.partial(torch.nn.functional.group_norm, x_torch,
+                                                model.num_groups)}
+        cells = {name: [] for name in runs}
+        with torch.inference_mode():
+            for _ in range(_ROUNDS.value):
+                for name, run in runs.items():
+                    cells[name].append(median_seconds(run, 20)[0] if name.endswith("jax")
+                                       else _torch_seconds(run, 20))
+        rows.append({"config": config.data.name, "batch": batch,
+                     "shape": f"{resolution}x{resolution}x{channels}",
+                     "conv_gflops_torch": [flops / s / 1e9 for s in cells["conv_torch"]],
+                     "conv_gflops_jax": [flops / s / 1e9 for s in cells["conv_jax"]],
+                     "norm_ms_torch": [1e3 * s for s in cells["norm_torch"]],
+                     "norm_ms_jax": [1e3 * s for s in cells["norm_jax"]]})
+    for row in rows:
+        for key in ("conv_gflops_torch", "conv_gflops_jax", "norm_ms_torch", "norm_ms_jax"):
+            row[key + "_text"] = " ".join(f"{v:.3g}" for v in row[key])
+    return rows
+
+
+def _torch_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv: list[str]) -> None:
     del argv
     config, batch = _CONFIG.value, _BATCH.value
@@ -178,13 +243,22 @@ def main(argv: list[str]) -> None:
         return _torch_worker(config, batch)
     if importlib.util.find_spec("torch") is None:  # not imported here: its threads stay out
         raise SystemExit(TORCH_MISSING)
+    threads = os.cpu_count() or 1  # XLA:CPU's intra-op pool takes every core
+    if _LAYERS.value:
+        rows = _layer_rows(config, batch, threads)
+        return report(rows, [("shape", "shape", "s"),
+                             ("conv_gflops_torch_text", "conv GFLOP/s torch", "s"),
+                             ("conv_gflops_jax_text", "ddsm_jax", "s"),
+                             ("norm_ms_torch_text", "GroupNorm ms torch", "s"),
+                             ("norm_ms_jax_text", "ddsm_jax", "s")],
+                      notes=[f"torch {importlib.metadata.version('torch')}, {threads} threads; "
+                             f"batch {batch}; one figure per round"])
     if config.data.channels != 3:
         raise app.UsageError(f"--config: the torch U-Net takes 3-channel images, "
                              f"{config.data.name} has {config.data.channels}; use an RGB config "
                              f"such as configs/cifar10.py")
     sandwich = [float(w) for w in _SANDWICH.value]
     rows = _rows(config, batch, sandwich)
-    threads = os.cpu_count() or 1  # XLA:CPU's intra-op pool takes every core
     worker = TorchWorker(threads)
     runs = _jax_runs(config, batch, rows)
     results = {name: {"torch": [], "jax": []} for name, _, _ in rows}

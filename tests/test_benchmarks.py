@@ -113,3 +113,8 @@ def test_vs_torch_times_both_side_by_side_or_says_how_to_get_torch():
                                             "forward 0.25", "sandwich 1/0.5"]
     assert all(len(row["torch_seconds"]) == len(row["jax_seconds"]) == 1 for row in rows)
     assert all(row["speed_min"] > 0 for row in rows)
+    layers = _run("benchmarks.vs_torch", "--layers", "--batch=1", "--rounds=1")
+    assert [row["shape"] for row in layers] == [
+        "32x32x128", "32x32x96", "16x16x256", "16x16x192", "8x8x256", "8x8x192", "4x4x256",
+        "4x4x192"]
+    assert all(row["conv_gflops_jax"][0] > 0 and row["norm_ms_torch"][0] > 0 for row in layers)

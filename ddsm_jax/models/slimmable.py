@@ -100,7 +100,13 @@ class SlimLinear(nnx.Module):
 
 
 class SlimGroupNorm(nnx.Module):
-    """GroupNorm whose group count stays fixed while gamma/beta are sliced to the input width."""
+    """GroupNorm whose group count stays fixed while gamma/beta are sliced to the input width.
+
+    The statistics are reduced over the pixels per channel first, then over each group's
+    channels: XLA:CPU vectorises a reduction that keeps the channels as the minor axis, and runs
+    one over (pixels, a group's channels) 4-6x slower at 32x32 with 96-128 channels (two-pass:
+    the variance is of the centred values, as before).
+    """
 
     def __init__(self, channels: int, num_groups: int, epsilon: float = 1e-5):
         self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
@@ -114,11 +120,17 @@ class SlimGroupNorm(nnx.Module):
             raise ValueError(
                 f"GroupNorm with {self.num_groups} groups cannot normalise {channels} channels; "
                 f"choose model.num_groups dividing every slimmed channel count")
-        grouped = x.reshape(batch, height, width_px, self.num_groups, channels // self.num_groups)
-        grouped32 = grouped.astype(jnp.float32)
-        mean = grouped32.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(grouped32 - mean).mean(axis=(1, 2, 4), keepdims=True)
-        normed = ((grouped32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        per_group = channels // self.num_groups
+        count = height * width_px * per_group
+
+        def group_mean(channel_sums: Array) -> Array:  # (batch, channels) -> (batch, 1, 1, channels)
+            sums = channel_sums.reshape(batch, self.num_groups, per_group).sum(axis=-1)
+            return jnp.repeat(sums / count, per_group, axis=-1)[:, None, None, :]
+
+        x32 = x.astype(jnp.float32)
+        centred = x32 - group_mean(x32.sum(axis=(1, 2)))
+        var = group_mean(jnp.square(centred).sum(axis=(1, 2)))
+        normed = centred * jax.lax.rsqrt(var + self.epsilon)
         y = normed * self.scale[...][:channels] + self.bias[...][:channels]
         macs.record_elementwise("norm", x.size, 8)  # mean, centre, square, mean, scale, affine
         return y.astype(x.dtype)
