@@ -116,13 +116,7 @@ def _torch_worker(config, batch: int) -> None:
         kind, widths = request["row"]
         run = (functools.partial(forward, widths[0]) if kind == "forward"
                else functools.partial(train, tuple(widths)))
-        run()  # warm-up
-        times = []
-        for _ in range(request["repeats"]):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        print(json.dumps({"seconds": statistics.median(times)}), flush=True)
+        print(json.dumps({"seconds": _torch_seconds(run, request["repeats"])}), flush=True)
 
 
 class TorchWorker:
@@ -227,6 +221,7 @@ def _layer_rows(config, batch: int, threads: int) -> list[dict]:
 
 
 def _torch_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall clock of `repeats` calls after a warm-up (eager torch: done on return)."""
     run()
     times = []
     for _ in range(repeats):

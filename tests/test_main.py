@@ -177,6 +177,19 @@ def test_slimmable_multistage_decoders_get_a_searched_width_per_step(tmp_path, d
     assert "loss_stage2_w0.5" in (workdir / "metrics.jsonl").read_text()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.global_middles=2.0"], "global_middles=2.0 must lie in [0, 1]"),
+    (["--config.model.stage_widths=True", "--config.model.widths=(1.0,)"],
+     "stage_widths=True mixes neighbouring widths"),
+    (["--config.model.stage_widths=True", "--config.strategy=adadiff"], "DDSM's search space")])
+def test_stage_width_settings_that_cannot_work_are_one_line_and_create_nothing(tmp_path, args,
+                                                                               message):
+    done = run_main(f"--workdir={tmp_path / 'run'}", "--mode=all", *args)
+    assert done.returncode == 1
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_width_per_unet_stage_is_trained_searched_evaluated_and_exported(tmp_path,
                                                                            digits_classifier):
     workdir = tmp_path / "run"
