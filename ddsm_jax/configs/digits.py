@@ -26,9 +26,6 @@ def get_config(variant: str = ""):
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
     config.model.num_groups = 4
-    # Its 8-64 channel convolutions gain nothing from split weight gradients, and the split
-    # doubles the compile time (benchmarks.train_step --weight_grad_chunks=0,4).
-    config.model.weight_grad_chunk = 0
 
     # --config.strategy=multistage: decoders of 48, 32 and 8 channels (8 is the narrowest that
     # 4 GroupNorm groups allow), and the stages the optimal-denoiser clustering finds on these
