@@ -33,20 +33,23 @@ def as_width(value: Any) -> Width:
     return float(value)
 
 
+def is_global(width: Width) -> bool:
+    """One width for every stage (a number), not an (encoder, middle, decoder) triple."""
+    return not isinstance(width, tuple)
+
+
 def stage_profile(width: Width) -> tuple[float, float, float]:
     """(encoder, middle, decoder) widths of a branch."""
-    return tuple(width) if isinstance(width, tuple) else (width, width, width)
+    return (width, width, width) if is_global(width) else tuple(width)
 
 
 def width_label(width: Width) -> str:
     """`0.5` for a global width, `0.5/1.0/0.5` (encoder/middle/decoder) for a triple."""
-    if isinstance(width, tuple):
-        return "/".join(str(w) for w in width)
-    return str(width)
+    return str(width) if is_global(width) else "/".join(str(w) for w in width)
 
 
 def width_json(width: Width) -> float | list[float]:
-    return list(width) if isinstance(width, tuple) else width
+    return width if is_global(width) else list(width)
 
 
 def neighbour_triples(widths: Sequence[float]) -> tuple[Width, ...]:
@@ -67,4 +70,4 @@ def neighbour_triples(widths: Sequence[float]) -> tuple[Width, ...]:
 
 def global_indices(widths: Sequence[Width]) -> list[int]:
     """Indices of the global widths (every stage equal): the uniform baselines of a search."""
-    return [i for i, w in enumerate(widths) if not isinstance(w, tuple)]
+    return [i for i, w in enumerate(widths) if is_global(w)]

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ddsm_jax.models.stage_widths import Width
+from ddsm_jax.models.stage_widths import Width, is_global
 
 
 def widest_first(widths: Sequence[Width]) -> list[Width]:
     """Distinct widths, widest first: sorted numbers; a network with a width per stage is
     already in that order (`models.stage_widths.neighbour_triples`), its triples the middles."""
-    if any(isinstance(w, tuple) for w in widths):
+    if not all(map(is_global, widths)):
         return list(dict.fromkeys(widths))
     return sorted({float(w) for w in widths}, reverse=True)
 
@@ -37,9 +37,9 @@ def sandwich_of(widths: Sequence[Width], rng: np.random.Generator,
     if len(ordered) <= 2:
         return tuple(ordered)
     middle = ordered[1:-1]
-    plain = [w for w in middle if not isinstance(w, tuple)]
+    plain = [w for w in middle if is_global(w)]
     if global_share > 0 and plain and len(plain) < len(middle):
-        middle = plain if rng.random() < global_share else [w for w in middle if isinstance(w, tuple)]
+        middle = plain if rng.random() < global_share else [w for w in middle if not is_global(w)]
     return (ordered[0], ordered[-1], middle[int(rng.integers(len(middle)))])
 
 
