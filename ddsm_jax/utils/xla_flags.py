@@ -18,9 +18,9 @@ from collections.abc import MutableMapping
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 # The flag's value takes "-<type>" to drop one type from XLA's default set.
 XLA_CONVOLUTIONS = f"{YNN_FUSION_FLAG}=-individual_convolution"
-# XLA aborts the process on a flag it does not know: set it only on the jaxlib releases known
-# to have it (0.10.2 measured here; 0.11 has the same flag).
-KNOWN_JAXLIB = ((0, 10), (0, 11))
+# XLA aborts the process on a flag or value it does not parse: set it only on the jaxlib
+# releases it was tested with (0.10.2, the pinned one; others keep jaxlib's default).
+KNOWN_JAXLIB = ((0, 10),)
 
 
 def prefer_xla_convolutions(environ: MutableMapping[str, str] = os.environ) -> bool:
