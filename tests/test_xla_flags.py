@@ -7,7 +7,7 @@ from ddsm_jax.models.conv import xla_conv
 from ddsm_jax.utils import xla_flags
 
 
-def test_the_flag_is_appended_and_a_users_own_setting_kept(monkeypatch):
+def test_the_flag_is_appended_and_a_users_own_setting_kept():
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert xla_flags.prefer_xla_convolutions(environ)
     assert environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
