@@ -1,12 +1,14 @@
 """NHWC convolution whose backward pass stays fast on XLA:CPU.
 
 XLA:CPU computes a convolution's weight gradient as one convolution that contracts over the
-batch, and its speed falls as the batch grows: the CIFAR-10 U-Net's full-width train step at
-batch 32 ran at 61 GFLOP/s with it and at 82 with the gradient summed over chunks of 4 images
-(`python -m benchmarks.train_step --weight_grad_chunks=0,4`). `weight_grad_chunk` turns that
-split on; accelerators' convolutions do not need it, so it applies to CPU programs only, chosen
-as a program is lowered (`jax.lax.platform_dependent`), not by the backend of the process that
-traces it: a TPU program compiled ahead of time on a CPU host keeps XLA's own convolution.
+batch. With YNNPACK's kernels its speed fell as the batch grew: the CIFAR-10 U-Net's full-width
+train step at batch 32 ran at 61 GFLOP/s with it and at 82 with the gradient summed over chunks
+of 4 images (`python -m benchmarks.train_step --weight_grad_chunks=0,4`). XLA's own kernels,
+which the package now chooses (`utils/xla_flags.py`), are faster whole, so `weight_grad_chunk`,
+which turns that split on, defaults to 0. Accelerators' convolutions do not need it, so it
+applies to CPU programs only, chosen as a program is lowered (`jax.lax.platform_dependent`), not
+by the backend of the process that traces it: a TPU program compiled ahead of time on a CPU host
+keeps XLA's own convolution.
 """
 
 from __future__ import annotations
