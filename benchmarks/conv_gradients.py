@@ -5,8 +5,8 @@
 The train step is almost all convolutions; this shows which of the three products of each one
 falls short of the matmul peak on this machine (each compiled and warmed up, median of
 `--repeats`), which is what limits `benchmarks.train_step`. The last column is the weight
-gradient of the model's own `conv2d`: summed over chunks of `--chunk` images for 3x3 kernels,
-and a matmul for 1x1 kernels (`ddsm_jax/models/conv.py`).
+gradient of the model's own `conv2d`, which computes 1x1 kernels as matmuls
+(`ddsm_jax/models/conv.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from benchmarks.common import matmul_peak_gflops, median_seconds, report
 from ddsm_jax.models.conv import conv2d, xla_conv
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
-_CHUNK = flags.DEFINE_integer("chunk", 4, "model.weight_grad_chunk of the last column.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per product.")
 
 # (kernel, resolution, input channels, output channels, what) of the full-width CIFAR-10 network.
@@ -42,8 +41,7 @@ def main(argv: list[str]) -> None:
     input_grad = jax.jit(lambda x, k, dy: jax.vjp(lambda x: xla_conv(x, k), x)[1](dy)[0])
     products = [("forward", forward), ("input_grad", input_grad),
                 ("weight_grad", _weight_grad(xla_conv)),
-                ("model_weight_grad", _weight_grad(functools.partial(
-                    conv2d, weight_grad_chunk=_CHUNK.value)))]
+                ("model_weight_grad", _weight_grad(conv2d))]
     rows = []
     for size, resolution, c_in, c_out, what in SHAPES:
         x = jax.random.normal(jax.random.key(0), (_BATCH.value, resolution, resolution, c_in))
@@ -60,8 +58,7 @@ def main(argv: list[str]) -> None:
                   ("forward", "forward GFLOP/s", ".0f"), ("input_grad", "input grad", ".0f"),
                   ("weight_grad", "weight grad", ".0f"),
                   ("model_weight_grad", "conv2d weight grad", ".0f")],
-           notes=[f"batch {_BATCH.value}; conv2d splits 3x3 weight gradients into chunks of "
-                  f"{_CHUNK.value} images; float32 matmul peak measured now: {peak:.1f} GFLOP/s"])
+           notes=[f"batch {_BATCH.value}; float32 matmul peak measured now: {peak:.1f} GFLOP/s"])
 
 
 if __name__ == "__main__":

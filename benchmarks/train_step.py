@@ -2,7 +2,6 @@
 
     python -m benchmarks.train_step --config=configs/cifar10.py --batches=8,32
     python -m benchmarks.train_step --config=configs/digits.py --batches=8,128
-    python -m benchmarks.train_step --batches=8,32 --weight_grad_chunks=0,4 --single_widths=false
     python -m benchmarks.train_step --batches=32 --microbatch_sizes=0,8 --single_widths=false
     python -m benchmarks.train_step --batches=8,32 --cpu_schedulers=memory,concurrency
 
@@ -11,9 +10,9 @@ over `--repeats` steps (median). A single-width row trains that width alone; a s
 the real step: full, narrowest and one middle width in one program. GFLOP/s counts the cost
 model's MACs x 2 (multiply-add) x 3 (forward + two backward products); `of peak` divides it by
 the float32 matmul rate the script measures first. Issue 6's goal: >= 0.5 at CIFAR-10.
-`--weight_grad_chunks`, `--microbatch_sizes` and `--cpu_schedulers` time the same steps with
-each value of `model.weight_grad_chunk`, `training.microbatch_size` and `training.cpu_scheduler`
-side by side; `--middle_widths=0.5` times only the sandwich whose third width is 0.5.
+`--microbatch_sizes` and `--cpu_schedulers` time the same steps with each value of
+`training.microbatch_size` and `training.cpu_scheduler` side by side; `--middle_widths=0.5`
+times only the sandwich whose third width is 0.5.
 """
 
 from __future__ import annotations
@@ -44,8 +43,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per row.")
 _SINGLE = flags.DEFINE_bool("single_widths", True, "Also time each width trained alone.")
 _MIDDLES = flags.DEFINE_list("middle_widths", [],
                              "Time only the sandwiches with these middle widths (default: all).")
-_CHUNKS = flags.DEFINE_list("weight_grad_chunks", [],
-                            "model.weight_grad_chunk values to compare (default: the config's).")
 _MICROBATCHES = flags.DEFINE_list("microbatch_sizes", [],
                                   "training.microbatch_size values to compare (default: the "
                                   "config's; 0 is the whole batch).")
@@ -91,7 +88,7 @@ def _time_steps(config: ml_collections.ConfigDict, sandwiches: list[tuple[float,
 
             seconds, compiles = median_seconds(run, _REPEATS.value)
             gflops = TRAIN_FLOPS_PER_MAC * sum(macs[w] for w in widths) * batch_size / seconds / 1e9
-            rows.append({"config": config.data.name, "chunk": config.model.weight_grad_chunk,
+            rows.append({"config": config.data.name,
                          "microbatch": config.training.microbatch_size,
                          "scheduler": config.training.cpu_scheduler, "batch": batch_size,
                          "step": "sandwich" if len(widths) > 1 else "width",
@@ -109,15 +106,13 @@ def main(argv: list[str]) -> None:
     rng = jax.random.key(1)
     peak = matmul_peak_gflops()
     rows = []
-    for chunk, microbatch, scheduler in itertools.product(
-            map(int, _CHUNKS.value or [config.model.weight_grad_chunk]),
+    for microbatch, scheduler in itertools.product(
             map(int, _MICROBATCHES.value or [config.training.microbatch_size]),
             _SCHEDULERS.value or [config.training.cpu_scheduler]):
-        config.model.weight_grad_chunk = chunk
         config.training.microbatch_size = microbatch
         config.training.cpu_scheduler = scheduler
         rows += _time_steps(config, sandwiches, rng, peak)
-    report(rows, [("config", "config", "s"), ("chunk", "chunk", "d"),
+    report(rows, [("config", "config", "s"),
                   ("microbatch", "microbatch", "d"), ("scheduler", "scheduler", "s"),
                   ("batch", "batch", "d"),
                   ("step", "step", "s"), ("widths", "widths", "s"), ("seconds", "s/step", ".3f"),

@@ -33,11 +33,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.stage_widths = False
     config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (TPU/GPU; params stay f32)
     config.model.remat = False  # recompute residual blocks in the backward pass (saves memory)
-    # CPU only: images per device in each weight-gradient convolution (0: the whole batch in
-    # one). Chunks of 4 helped YNNPACK's kernels; XLA's own, which the package now chooses
-    # (ddsm_jax/utils/xla_flags.py), run faster whole: benchmarks.train_step
-    # --weight_grad_chunks=0,4.
-    config.model.weight_grad_chunk = 0
 
     # The step-aware method (docs/strategies.md): 'ddsm', one slimmable U-Net with a searched
     # width per sampling step; 'multistage' (Zhang, Lu et al., arXiv 2312.09181), a shared

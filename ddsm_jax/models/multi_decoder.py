@@ -27,7 +27,6 @@ from ddsm_jax.models.unet import (
     dropout_keys,
     encode,
     res_block_call,
-    set_weight_grad_chunk,
 )
 
 
@@ -58,7 +57,7 @@ class MultiDecoderUNet(nnx.Module):
     def __init__(self, *, image_size: int, image_channels: int, ch: int, ch_mult: tuple[int, ...],
                  num_res_blocks: int, attn_resolutions: tuple[int, ...], dropout: float,
                  num_groups: int, decoder_ratios: Sequence[float], dtype: str = "float32",
-                 remat: bool = False, weight_grad_chunk: int = 0, rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         if not decoder_ratios:
             raise ValueError("multistage.decoder_ratios is empty: give one ratio per stage")
         self.dtype = compute_dtype(dtype)
@@ -77,7 +76,6 @@ class MultiDecoderUNet(nnx.Module):
                     image_channels=image_channels,
                     ch=decoder_channels(ch, ratio, num_groups), **shape)
             for ratio in decoder_ratios])
-        set_weight_grad_chunk(self, weight_grad_chunk)
 
     def __call__(self, x: Array, t: Array, *, stage: int, width: float = 1.0,
                  dropout_rng: Array | None = None) -> Array:
@@ -106,5 +104,4 @@ def build_multi_decoder_unet(config: ml_collections.ConfigDict,
         ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
         attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
         num_groups=model.num_groups, decoder_ratios=tuple(config.multistage.decoder_ratios),
-        dtype=model.dtype, remat=model.remat, weight_grad_chunk=model.get("weight_grad_chunk", 0),
-        rngs=rngs)
+        dtype=model.dtype, remat=model.remat, rngs=rngs)

@@ -56,7 +56,6 @@ class SlimConv(nnx.Module):
         self.stride = stride
         self.divisor = divisor
         self.fixed_out = fixed_out
-        self.weight_grad_chunk = 0  # set by the network: see `conv.conv2d`
 
     def channels(self, width: float) -> int:
         if self.fixed_out:
@@ -66,7 +65,7 @@ class SlimConv(nnx.Module):
     def __call__(self, x: Array, width: float) -> Array:
         c_in, c_out = x.shape[-1], self.channels(width)
         kernel = self.kernel[...][:, :, :c_in, :c_out].astype(x.dtype)
-        y = conv2d(x, kernel, stride=self.stride, weight_grad_chunk=self.weight_grad_chunk)
+        y = conv2d(x, kernel, stride=self.stride)
         y = y + self.bias[...][:c_out].astype(x.dtype)
         batch, height, width_px, _ = y.shape
         size = kernel.shape[0]

@@ -4,8 +4,7 @@
 `dtype` is the compute dtype (bfloat16 on accelerators): parameters stay float32, each layer
 casts its slice of them, normalisation and softmax statistics run in float32, and epsilon comes
 out in float32. `remat` recomputes each residual block in the backward pass instead of storing
-its activations, for configs whose activations do not fit in memory. `weight_grad_chunk` splits
-each convolution's weight gradient over chunks of the batch on CPU (see `conv.conv2d`).
+its activations, for configs whose activations do not fit in memory.
 """
 
 from __future__ import annotations
@@ -187,12 +186,6 @@ def build_decoder(module: nnx.Module, *, skip_channels: list[int], in_channels: 
                                 rngs=rngs)
 
 
-def set_weight_grad_chunk(module: nnx.Module, chunk: int) -> None:
-    for _, layer in nnx.iter_modules(module):
-        if isinstance(layer, SlimConv):
-            layer.weight_grad_chunk = chunk
-
-
 def res_block_call(remat: bool) -> Callable:
     """`ResBlock.__call__`, recomputed in the backward pass when `remat`."""
     return nnx.remat(ResBlock.__call__, static_argnums=3) if remat else ResBlock.__call__
@@ -240,7 +233,7 @@ class SlimmableUNet(nnx.Module):
     def __init__(self, *, image_size: int, image_channels: int, ch: int, ch_mult: tuple[int, ...],
                  num_res_blocks: int, attn_resolutions: tuple[int, ...], dropout: float,
                  num_groups: int = 32, dtype: str = "float32", remat: bool = False,
-                 weight_grad_chunk: int = 0, rngs: nnx.Rngs):
+                 rngs: nnx.Rngs):
         self.dtype = compute_dtype(dtype)
         self.remat = remat
         self.image_size = image_size
@@ -253,7 +246,6 @@ class SlimmableUNet(nnx.Module):
             self, image_size=image_size, image_channels=image_channels, **shape)
         build_decoder(self, skip_channels=skip_channels, in_channels=now, resolution=resolution,
                       temb_channels=4 * ch, image_channels=image_channels, **shape)
-        set_weight_grad_chunk(self, weight_grad_chunk)
 
     def __call__(self, x: Array, t: Array, *, width: Width = 1.0,
                  dropout_rng: Array | None = None) -> Array:
@@ -280,5 +272,4 @@ def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
         image_size=config.data.image_size, image_channels=config.data.channels, ch=model.ch,
         ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
         attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
-        num_groups=model.num_groups, dtype=model.dtype, remat=model.remat,
-        weight_grad_chunk=model.get("weight_grad_chunk", 0), rngs=rngs)  # older exports lack it
+        num_groups=model.num_groups, dtype=model.dtype, remat=model.remat, rngs=rngs)

@@ -24,7 +24,8 @@ from ddsm_jax.models.network import strategy_name
 from ddsm_jax.utils.errors import summary
 from ddsm_jax.utils.files import as_path, is_remote
 
-# Model settings that change how the network is computed, not what it computes.
+# Model settings that change how the network is computed, not what it computes (older configs
+# also carry `weight_grad_chunk`, a CPU speed setting since removed).
 COMPUTE_ONLY = ("dtype", "remat", "weight_grad_chunk")
 # Model settings that choose which branches are trained and searched, not what a branch computes:
 # weights trained with a width per stage serve a search of global widths, and the other way.
