@@ -12,7 +12,8 @@ one figure per round. The train step is the whole update on both sides: the sand
 losses (each width its own t and noise), backward, gradient clipping, Adam and the EMA.
 
 `--layers` times single layers instead, at the network's shapes (each level's resolution and
-channels at the widths of `--layer_widths`): a 3x3 convolution (GFLOP/s) and a GroupNorm (ms),
+channels at the widths of `--layer_widths`): a 3x3 convolution (GFLOP/s) and a GroupNorm followed
+by SiLU, forward and backward (ms: the gradients of the input, gamma and beta, as in training),
 ddsm_jax's own (`models.conv.conv2d`, `SlimGroupNorm`) beside torch's, in one process, taking
 turns.
 
@@ -173,12 +174,12 @@ def _jax_runs(config, batch: int, rows) -> dict[str, Callable[[], object]]:
 
 
 def _layer_rows(config, batch: int, threads: int) -> list[dict]:
-    """A 3x3 convolution and a GroupNorm at each level's shape and width, both sides alike."""
+    """A 3x3 convolution and a GroupNorm + SiLU's gradient at each level's shape and width."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
     import torch
 
     from ddsm_jax.models.conv import conv2d
-    from ddsm_jax.models.slimmable import SlimGroupNorm, slim_channels
+    from ddsm_jax.models.slimmable import slim_channels
 
     torch.set_num_threads(threads)
     model = config.model
@@ -194,20 +195,18 @@ def _layer_rows(config, batch: int, threads: int) -> list[dict]:
         x_jax, kernel_jax = jnp.asarray(x), jnp.asarray(kernel)
         x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
         kernel_torch = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-        norm = jax.jit(SlimGroupNorm(channels, model.num_groups).__call__)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
         flops = 2 * batch * resolution**2 * 9 * channels**2
         runs = {"conv_jax": functools.partial(conv, x_jax, kernel_jax),
                 "conv_torch": functools.partial(torch.nn.functional.conv2d, x_torch,
                                                 kernel_torch, padding=1),
-                "norm_jax": functools.partial(norm, x_jax),
-                "norm_torch": functools.partial(torch.nn.functional.group_norm, x_torch,
-                                                model.num_groups)}
+                "norm_jax": _jax_norm_grad(x, dy, model.num_groups),
+                "norm_torch": _torch_norm_grad(x, dy, model.num_groups)}
         cells = {name: [] for name in runs}
-        with torch.inference_mode():
-            for _ in range(_ROUNDS.value):
-                for name, run in runs.items():
-                    cells[name].append(median_seconds(run, 20)[0] if name.endswith("jax")
-                                       else _torch_seconds(run, 20))
+        for _ in range(_ROUNDS.value):
+            for name, run in runs.items():
+                cells[name].append(median_seconds(run, 20)[0] if name.endswith("jax")
+                                   else _torch_seconds(run, 20))
         rows.append({"config": config.data.name, "batch": batch,
                      "shape": f"{resolution}x{resolution}x{channels}",
                      "conv_gflops_torch": [flops / s / 1e9 for s in cells["conv_torch"]],
@@ -218,6 +217,33 @@ def _layer_rows(config, batch: int, threads: int) -> list[dict]:
         for key in ("conv_gflops_torch", "conv_gflops_jax", "norm_ms_torch", "norm_ms_jax"):
             row[key + "_text"] = " ".join(f"{v:.3g}" for v in row[key])
     return rows
+
+
+def _jax_norm_grad(x: np.ndarray, dy: np.ndarray, groups: int) -> Callable[[], object]:
+    """`SlimGroupNorm` then SiLU: the gradients of its input, gamma and beta for `dy` (NHWC)."""
+    from flax import nnx
+
+    from ddsm_jax.models.slimmable import SlimGroupNorm, silu
+
+    graphdef, params = nnx.split(SlimGroupNorm(x.shape[-1], groups))
+    grad = jax.jit(lambda p, x, dy: jax.vjp(lambda p, x: silu(nnx.merge(graphdef, p)(x)),
+                                            p, x)[1](dy))
+    return functools.partial(grad, params, jnp.asarray(x), jnp.asarray(dy))
+
+
+def _torch_norm_grad(x: np.ndarray, dy: np.ndarray, groups: int) -> Callable[[], None]:
+    """torch's group_norm then SiLU, the same gradients (NCHW)."""
+    import torch
+
+    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    dy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+    gamma = torch.ones(x.shape[1], requires_grad=True)
+    beta = torch.zeros(x.shape[1], requires_grad=True)
+
+    def run() -> None:
+        x.grad = gamma.grad = beta.grad = None
+        torch.nn.functional.silu(torch.nn.functional.group_norm(x, groups, gamma, beta)).backward(dy)
+    return run
 
 
 def _torch_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -244,7 +270,7 @@ def main(argv: list[str]) -> None:
         return report(rows, [("shape", "shape", "s"),
                              ("conv_gflops_torch_text", "conv GFLOP/s torch", "s"),
                              ("conv_gflops_jax_text", "ddsm_jax", "s"),
-                             ("norm_ms_torch_text", "GroupNorm ms torch", "s"),
+                             ("norm_ms_torch_text", "GroupNorm+SiLU grad ms torch", "s"),
                              ("norm_ms_jax_text", "ddsm_jax", "s")],
                       notes=[f"torch {importlib.metadata.version('torch')}, {threads} threads; "
                              f"batch {batch}; one figure per round"])
