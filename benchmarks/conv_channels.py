@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.common import median_seconds, report
-from ddsm_jax.models.conv import xla_conv
+from ddsm_jax.models.conv import conv2d
 
 _RESOLUTION = flags.DEFINE_integer("resolution", 32, "Image height and width.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per call.")
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
         kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, channels), jnp.float32)
         flops = 2 * batch * size * size * 9 * channels * channels
         for backend in _BACKENDS.value:
-            conv = jax.jit(xla_conv).lower(x, kernel).compile(_BACKEND_OPTIONS[backend])
+            conv = jax.jit(conv2d).lower(x, kernel).compile(_BACKEND_OPTIONS[backend])
             seconds, _ = median_seconds(functools.partial(conv, x, kernel), _REPEATS.value)
             rows.append({"channels": channels, "backend": backend, "resolution": size,
                          "batch": batch, "seconds": seconds, "ms": seconds * 1e3,

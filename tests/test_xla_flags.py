@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from ddsm_jax.models.conv import xla_conv
+from ddsm_jax.models.conv import conv2d
 from ddsm_jax.utils import xla_flags
 
 
@@ -32,9 +32,9 @@ def test_an_unknown_jaxlib_release_is_left_alone(monkeypatch):
 def test_compiled_convolutions_are_not_ynnpack_fusions():
     # This process imported ddsm_jax before JAX started (tests/conftest.py): the flag reached XLA.
     x, kernel = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # YNNPACK skips tinier ones
-    text = jax.jit(xla_conv).lower(x, kernel).compile().as_text()
+    text = jax.jit(conv2d).lower(x, kernel).compile().as_text()
     assert "convolution(" in text
     assert "__ynn_fusion" not in text
     # ...while the same program compiled with jaxlib's default set is one.
     default = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-    assert "__ynn_fusion" in jax.jit(xla_conv).lower(x, kernel).compile(default).as_text()
+    assert "__ynn_fusion" in jax.jit(conv2d).lower(x, kernel).compile(default).as_text()
