@@ -108,7 +108,8 @@ class SlimGroupNorm(nnx.Module):
     so the feature map is read twice for the statistics (two-pass: the variance is of the
     centred values) and once for the output, with no centred or normalised copy in between:
     forward and backward 1.3-2.5x faster than normalising in steps at the CIFAR-10 U-Net's
-    shapes (`python -m benchmarks.vs_torch --layers`).
+    shapes (timed side by side, docs/performance.md; `python -m benchmarks.vs_torch --layers`
+    times the gradient against torch's).
     """
 
     def __init__(self, channels: int, num_groups: int, epsilon: float = 1e-5):
