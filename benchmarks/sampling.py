@@ -8,12 +8,18 @@ sampling only. `--schedule` adds a step-aware row: a searched `schedule.json` (m
 with `--steps` steps) or the release's per-timestep file, read at the DDIM timesteps.
 `time/MACs` is the wall-clock ratio over the MACs ratio (1 = time falls exactly as MACs do);
 issue 6's goal is <= 1.25 for the schedule. `saving` is the time saved over the MACs saved.
+`--shard` splits each batch over the local devices (the samples are the same): on a CPU, with
+`XLA_FLAGS=--xla_force_host_platform_device_count=2`, one half per core runs the narrow widths
+1.3-1.5x faster than one program threading each kernel over both cores.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from benchmarks.common import median_seconds, report
@@ -28,6 +34,8 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Images per sampling call.")
 _STEPS = flags.DEFINE_integer("steps", 20, "DDIM steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per width.")
 _SCHEDULE = flags.DEFINE_string("schedule", None, "A schedule file to time beside the widths.")
+_SHARD = flags.DEFINE_bool("shard", False, "Split the batch over every local device (on a CPU: "
+                           "XLA_FLAGS=--xla_force_host_platform_device_count=CORES).")
 
 
 def main(argv: list[str]) -> None:
@@ -37,6 +45,10 @@ def main(argv: list[str]) -> None:
     network, params = init_network(config, jax.random.key(0))
     sampler = ScheduleSampler(network, diffusion_from_config(config.diffusion), config.sampling)
     noise = initial_noise(jax.random.key(1), _BATCH.value, network.image_shape)
+    if _SHARD.value:
+        mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        noise = jax.device_put(noise, NamedSharding(mesh, P("batch")))
+        params = jax.device_put(params, NamedSharding(mesh, P()))
     costs = macs_table(network, params)
     per_width = [costs[w]["total"] for w in network.widths]
     schedules = {f"{w:g}": sampler.uniform(i) for i, w in enumerate(network.widths)}
@@ -51,6 +63,7 @@ def main(argv: list[str]) -> None:
 
         seconds, compiles = median_seconds(run, _REPEATS.value)
         rows.append({"width": name, "seconds": seconds, "images_per_sec": _BATCH.value / seconds,
+                     "devices": len(noise.sharding.device_set),
                      "macs_mean": sum(per_width[i] for i in schedule) / len(schedule),
                      "compile_seconds": compiles.seconds})
     full = rows[0]
@@ -64,7 +77,8 @@ def main(argv: list[str]) -> None:
                   ("images_per_sec", "img/s", ".1f"), ("time_ratio", "time ratio", ".3f"),
                   ("macs_ratio", "MACs ratio", ".3f"), ("time_over_macs", "time/MACs", ".2f"),
                   ("saving_ratio", "saving", ".2f"), ("compile_seconds", "compile s", ".1f")],
-           notes=[f"config {config.data.name}, DDIM {_STEPS.value} steps, batch {_BATCH.value}"])
+           notes=[f"config {config.data.name}, DDIM {_STEPS.value} steps, batch {_BATCH.value}"
+                  f"{f' split over {jax.local_device_count()} devices' if _SHARD.value else ''}"])
 
 
 if __name__ == "__main__":

@@ -11,14 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _process(*args: str) -> subprocess.CompletedProcess:
+def _process(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as documented
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env={**env, "JAX_PLATFORMS": "cpu"})
 
 
-def _run(*args: str) -> list[dict]:
-    result = _process(*args)
+def _run(*args: str, devices: int = 1) -> list[dict]:
+    result = _process(*args, devices=devices)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"$ python -m {args[0]}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -57,6 +59,9 @@ def test_sampling_benchmark_reports_time_beside_macs():
     assert [row["width"] for row in rows] == ["1", "0.75", "0.5", "0.25"]
     assert rows[0]["time_ratio"] == rows[0]["macs_ratio"] == 1.0
     assert rows[-1]["macs_ratio"] < rows[1]["macs_ratio"] < 1.0
+    sharded = _run("benchmarks.sampling", "--config=configs/digits.py", "--batch=8", "--steps=2",
+                   "--repeats=1", "--shard", devices=2)  # a CPU's two cores as devices
+    assert [row["devices"] for row in sharded] == [2] * 4 and rows[0]["devices"] == 1
 
 
 def test_the_machine_line_names_the_cpu_model_and_its_vector_unit(tmp_path):
