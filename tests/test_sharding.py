@@ -46,7 +46,7 @@ def test_sharded_step_equals_the_single_device_step(fsdp, microbatch_size):
     optimizer = make_optimizer(config.training)
     batches = jnp.asarray(load_dataset(config.data).train[:48]).reshape(3, 16, 8, 8, 1)
     rng = jax.random.key(3)
-    widths = (1.0, 0.25, 0.5)
+    widths = (1.0, 0.25)  # two sub-networks: the sum of their losses is what is sharded
 
     single = make_train_step(network, diffusion, config.training)
     state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)  # donated below
