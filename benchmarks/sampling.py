@@ -9,8 +9,9 @@ with `--steps` steps) or the release's per-timestep file, read at the DDIM times
 `time/MACs` is the wall-clock ratio over the MACs ratio (1 = time falls exactly as MACs do);
 issue 6's goal is <= 1.25 for the schedule. `saving` is the time saved over the MACs saved.
 `--shard` splits each batch over the local devices (the samples are the same): on a CPU, with
-`XLA_FLAGS=--xla_force_host_platform_device_count=2`, one half per core runs the narrow widths
-1.3-1.5x faster than one program threading each kernel over both cores.
+`XLA_FLAGS=--xla_force_host_platform_device_count=2`, a half batch per core ran the digits
+network's narrow widths 1.2-1.5x faster (full width 1.1x) than one program threading each
+kernel over both cores (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> None:
     sampler = ScheduleSampler(network, diffusion_from_config(config.diffusion), config.sampling)
     noise = initial_noise(jax.random.key(1), _BATCH.value, network.image_shape)
     if _SHARD.value:
+        if _BATCH.value % jax.local_device_count():
+            raise app.UsageError(f"--shard: --batch={_BATCH.value} does not split evenly over "
+                                 f"{jax.local_device_count()} devices; give a multiple")
         mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
         noise = jax.device_put(noise, NamedSharding(mesh, P("batch")))
         params = jax.device_put(params, NamedSharding(mesh, P()))
