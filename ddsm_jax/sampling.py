@@ -4,6 +4,11 @@ A schedule is one index into `network.widths` per sampling step, in sampling ord
 branches a schedule uses (a width, and for the multi-stage network the stage of the step's
 timestep) become `lax.switch` branches, so the network is traced (and compiled) once per distinct
 branch, whatever the number of steps.
+
+A batch is split over as many of the sampler's devices (by default this process's) as divide its
+size, the parameters replicated on them: the images do not interact, so the samples are those of
+one device (to float rounding), and no device computes another's images (parameters committed to
+a training mesh would otherwise make every device of it sample the whole batch).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from ddsm_jax.common_types import Params
@@ -29,9 +36,10 @@ class ScheduleSampler:
     """Samples with any width schedule; one compiled program per set of widths used."""
 
     def __init__(self, network: Network, diffusion: Diffusion, sampling: ml_collections.ConfigDict,
-                 timesteps: Sequence[int] | None = None):
+                 timesteps: Sequence[int] | None = None,
+                 devices: Sequence[jax.Device] | None = None):
         """`timesteps`: the DDIM sampler's own (a searched schedule's) instead of the config's
-        grid."""
+        grid. `devices`: those a batch is split over (default: this process's)."""
         self.network = network
         self.diffusion = diffusion
         self.sampling = sampling
@@ -49,6 +57,7 @@ class ScheduleSampler:
         self.clip_denoised = sampling.clip_denoised
         # The multi-stage network runs the decoder of each step's stage (all 0 for DDSM's).
         self.stages = network.stages_of(self.timesteps)
+        self.devices = tuple(jax.local_devices() if devices is None else devices)
         self._jitted = jax.jit(self._sample, static_argnames="branches")
 
     @property
@@ -86,6 +95,7 @@ class ScheduleSampler:
         branches = tuple(self.network.branch(*divmod(int(i), len(self.network.widths)))
                          for i in used)
         branch_schedule = jnp.asarray(np.searchsorted(used, ids), jnp.int32)
+        params, x_T, key = split_batch(self.devices, params, x_T, key)
         return self._jitted(params, branch_schedule, x_T, key, branches=branches)
 
     def uniform(self, width_index: int) -> np.ndarray:
@@ -101,7 +111,8 @@ class ScheduleSampler:
         """This sampler on other timesteps (None or the same: this one)."""
         if timesteps is None or list(timesteps) == list(self.timesteps):
             return self
-        return ScheduleSampler(self.network, self.diffusion, self.sampling, timesteps=timesteps)
+        return ScheduleSampler(self.network, self.diffusion, self.sampling, timesteps=timesteps,
+                               devices=self.devices)
 
     def to_indices(self, width_schedule: WidthSchedule) -> np.ndarray:
         """A schedule file's widths as this network's indices, checked against this sampler."""
@@ -115,6 +126,28 @@ class ScheduleSampler:
         return WidthSchedule(self.network.widths, tuple(int(i) for i in schedule),
                              tuple(int(t) for t in (self.timesteps if timesteps is None
                                                     else timesteps)), self.method, figures)
+
+
+def batch_mesh(devices: Sequence[jax.Device], batch_size: int) -> Mesh:
+    """The first k of `devices`, k the most of them that divide `batch_size`, as axis "batch".
+
+    Why a divisor rather than padding: a batch's per-step noise is drawn for its whole shape, so
+    its size must not depend on the machine for the same seed to give the same samples."""
+    count = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+    return Mesh(np.asarray(devices[:count]), ("batch",))
+
+
+def replicate(params: Params, mesh: Mesh) -> Params:
+    """`params` on every device of `mesh` (no copy where they already are)."""
+    return jax.device_put(params, NamedSharding(mesh, P()))
+
+
+def split_batch(devices: Sequence[jax.Device], params: Params, x_T: jax.Array,
+                key: jax.Array) -> tuple[Params, jax.Array, jax.Array]:
+    """A sampler's inputs placed for `batch_mesh`: the images split, the rest replicated."""
+    mesh = batch_mesh(devices, x_T.shape[0])
+    return (replicate(params, mesh), jax.device_put(x_T, NamedSharding(mesh, P("batch"))),
+            replicate(key, mesh))
 
 
 def initial_noise(key: jax.Array, num_samples: int, image_shape: tuple[int, ...]) -> jax.Array:
@@ -134,7 +167,9 @@ def sample_in_batches(sampler: ScheduleSampler, params: Params, schedule: Sequen
                       progress: bool = False) -> np.ndarray:
     """Samples `noise.shape[0]` images batch by batch (equal batch shapes: one compilation);
     where the sampler also returns per-image values (AdaDiff's exits), those too. The progress
-    bar starts after the first batch, so that its rate leaves compilation out."""
+    bar starts after the first batch, so that its rate leaves compilation out. The parameters
+    are replicated over the batch's devices once, not per batch."""
+    params = replicate(params, batch_mesh(sampler.devices, batch_size))
 
     def batch(start: int) -> np.ndarray:
         chunk = noise[start:start + batch_size]

@@ -60,12 +60,12 @@ def test_sampling_benchmark_reports_time_beside_macs():
     assert rows[0]["time_ratio"] == rows[0]["macs_ratio"] == 1.0
     assert rows[-1]["macs_ratio"] < rows[1]["macs_ratio"] < 1.0
     sharded = _run("benchmarks.sampling", "--config=configs/digits.py", "--batch=8", "--steps=2",
-                   "--repeats=1", "--shard", devices=2)  # a CPU's two cores as devices
+                   "--repeats=1", devices=2)  # a CPU's two cores as devices
     assert [row["devices"] for row in sharded] == [2] * 4 and rows[0]["devices"] == 1
-    uneven = _process("benchmarks.sampling", "--batch=3", "--shard", devices=2)
+    uneven = _process("benchmarks.sampling", "--batch=3", devices=2)
     assert uneven.returncode == 1
-    assert uneven.stderr.strip().splitlines()[-1] == ("--shard: --batch=3 does not split evenly "
-                                                      "over 2 devices; give a multiple")
+    assert uneven.stderr.strip().splitlines()[-1] == ("--batch=3 does not split evenly over 2 "
+                                                      "devices; give a multiple or set --devices")
 
 
 def test_the_machine_line_names_the_cpu_model_and_its_vector_unit(tmp_path):

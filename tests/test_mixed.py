@@ -91,7 +91,9 @@ def test_a_mixed_schedule_samples_as_the_members_branches_would(members):
         eps_fns, diffusion, (schedule == full).astype(np.int32), noise, key,
         method=sampler.method, timesteps=sampler.timesteps, eta=sampler.eta,
         variance=sampler.variance, clip_denoised=sampler.clip_denoised)
-    np.testing.assert_allclose(sampler(params, schedule, noise, key), expected, atol=1e-6)
+    # On one device, as `expected` ran: a batch split over devices differs by float rounding.
+    one_device = ScheduleSampler(network, diffusion, config.sampling, devices=jax.devices()[:1])
+    np.testing.assert_allclose(one_device(params, schedule, noise, key), expected, atol=1e-6)
 
 
 def test_only_networks_of_one_data_set_and_noise_schedule_mix(members):

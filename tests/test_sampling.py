@@ -102,3 +102,26 @@ def test_bad_schedules_are_clear_errors(setup):
         sampler(params, [0, 0, 0], noise, jax.random.key(0))
     with pytest.raises(ValueError, match="indices"):
         sampler(params, [0, 0, 0, 7], noise, jax.random.key(0))
+
+
+@pytest.mark.parametrize("batch, devices_used", [(8, 8), (6, 6), (11, 1)])
+def test_a_batch_is_split_over_the_devices_that_divide_it_and_samples_as_on_one(
+        setup, batch, devices_used):
+    """Parameters committed over all devices (as training leaves them) must not make every device
+    sample the whole batch; the split changes no sample."""
+    config, network, params, diffusion = setup
+    config.sampling.num_steps = 4
+    assert jax.local_device_count() == 8  # tests/conftest.py
+    everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("d",)),
+                                            jax.sharding.PartitionSpec())
+    committed = jax.device_put(params, everywhere)
+    noise = initial_noise(jax.random.key(1), batch, network.image_shape)
+    schedule = np.array([0, 3, 1, 2])
+    split = ScheduleSampler(network, diffusion, config.sampling)(
+        committed, schedule, noise, jax.random.key(2))
+    assert len(split.sharding.device_set) == devices_used
+    one = ScheduleSampler(network, diffusion, config.sampling, devices=jax.devices()[:1])(
+        committed, schedule, noise, jax.random.key(2))
+    assert len(one.sharding.device_set) == 1
+    # Equal to float rounding: a device's share of the batch may take another convolution path.
+    np.testing.assert_allclose(np.asarray(split), np.asarray(one), atol=5e-5)

@@ -23,7 +23,7 @@ from ddsm_jax.diffusion.losses import noisy_batch
 from ddsm_jax.diffusion.schedules import Diffusion
 from ddsm_jax.models.early_exit_unet import exit_blocks
 from ddsm_jax.models.network import Network
-from ddsm_jax.sampling import ScheduleSampler
+from ddsm_jax.sampling import ScheduleSampler, split_batch
 
 
 def early_exit_loss(network: Network, diffusion: Diffusion, params: Params, x0: jax.Array,
@@ -79,6 +79,7 @@ class ExitSampler:
         self.per_batch = per_batch
         self.method = sampling.method
         self.timesteps = schedule_sampler.timesteps
+        self.devices = schedule_sampler.devices
         self._update = schedule_sampler.step_update()
         self._jitted = jax.jit(self._sample)
 
@@ -104,7 +105,9 @@ class ExitSampler:
 
     def __call__(self, params: Params, threshold: float, x_T: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(images, the exit each sample took at each step, as decoder blocks run - 1)."""
+        """(images, the exit each sample took at each step, as decoder blocks run - 1); the batch
+        split over the devices as `ScheduleSampler` splits it."""
+        params, x_T, key = split_batch(self.devices, params, x_T, key)
         return self._jitted(params, jnp.float32(threshold), x_T, key)
 
     def block_macs(self, params: Params) -> np.ndarray:
