@@ -68,6 +68,13 @@ def test_sampling_benchmark_reports_time_beside_macs():
                                                       "devices; give a multiple or set --devices")
 
 
+def test_random_bits_benchmark_times_both_lowerings_and_finds_the_same_bits():
+    rows = _run("benchmarks.random_bits", "--repeats=1")
+    assert [row["shape"] for row in rows] == ["8x32x32x128", "8x32x32x256", "8x16x16x256",
+                                              "64x8x8x32"]
+    assert all(row["jax_mask_ms"] > 0 and row["package_mask_ms"] > 0 for row in rows)
+
+
 def test_the_machine_line_names_the_cpu_model_and_its_vector_unit(tmp_path):
     from benchmarks.common import cpu_model
 
