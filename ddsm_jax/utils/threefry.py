@@ -4,12 +4,13 @@ Every `jax.random` draw is threefry2x32. On a CPU jax 0.10 lowers it as a `fori_
 iterations (GPUs and TPUs get it unrolled), and XLA:CPU runs each iteration as its own passes
 over the counters: a dropout mask of (8, 32, 32, 128) took 5.1 ms here, unrolled into one fused
 loop 0.6 ms (`python -m benchmarks.random_bits`); unrolled, the CIFAR-10 sandwich train step
-took ~5% less time. The unrolled draw costs compilation (some 6 s more for that step), so only
-draws of at least `UNROLL_FROM` numbers get it, where the time saved repays it within a few
-hundred steps; smaller ones (the digits network's noise, the tests' tiny networks) keep the
-loop. Both compute the same function of key and counter, so every draw and every result stays
-bit for bit the same (tests/test_threefry.py checks known answers). The switch uses jax
-internals, so it is made only on the jax release it was tested with.
+took ~5% less time. An unrolled draw costs compilation (with every draw unrolled, that step
+compiled in some 6 s more), so only draws of at least `UNROLL_FROM` numbers get it, where the
+time saved repays it within a few hundred steps; smaller ones (the digits network's noise, the
+tests' tiny networks) keep the loop. Both compute the same function of key and counter, so
+every draw and every result stays bit for bit the same (tests/test_threefry.py checks known
+answers). The switch uses jax internals, so it is made only on the jax release it was tested
+with.
 """
 
 from __future__ import annotations
