@@ -138,8 +138,19 @@ def batch_mesh(devices: Sequence[jax.Device], batch_size: int) -> Mesh:
 
 
 def replicate(params: Params, mesh: Mesh) -> Params:
-    """`params` on every device of `mesh` (no copy where they already are)."""
-    return jax.device_put(params, NamedSharding(mesh, P()))
+    """`params` on every device of `mesh` (no copy where they already are). Parameters a pod's
+    training left replicated over every process's devices are taken from this process's copy."""
+    return jax.device_put(jax.tree_util.tree_map(_local_copy, params), NamedSharding(mesh, P()))
+
+
+def _local_copy(x: Any) -> Any:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if not x.is_fully_replicated:
+        raise ValueError("the parameters are split over several processes' devices (config.mesh."
+                         "fsdp across hosts); gather them before sampling on one process, e.g. "
+                         "with jax.experimental.multihost_utils.process_allgather")
+    return x.addressable_data(0)
 
 
 def split_batch(devices: Sequence[jax.Device], params: Params, x_T: jax.Array,
